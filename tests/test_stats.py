@@ -1,0 +1,108 @@
+"""Tests of the streaming statistics (torch_lowrank/stats.py)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torch_lowrank.stats import CovarianceStats
+
+
+def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.double()
+    return x.mean(0), torch.cov(x.T, correction=0).reshape(x.shape[1], x.shape[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    features=st.integers(1, 12),
+    batches=st.lists(st.integers(1, 40), min_size=1, max_size=5),
+    scale=st.floats(1e-3, 1e3),
+    offset=st.floats(-1e3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_streaming_matches_batch_covariance(features, batches, scale, offset, seed):
+    """Summing batch by batch gives the covariance of all rows (relative tol 1e-9 in float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(batches), features, generator=gen, dtype=torch.float64) * scale + offset
+    stats = CovarianceStats(features)
+    for chunk in x.split(batches):
+        stats.update(chunk)
+    mean, cov = reference(x)
+    assert stats.count == len(x)
+    torch.testing.assert_close(stats.mean, mean, rtol=1e-9, atol=1e-9 * (abs(offset) + scale))
+    torch.testing.assert_close(stats.covariance, cov, rtol=1e-7, atol=1e-9 * scale**2)
+    torch.testing.assert_close(
+        stats.second_moment, cov + torch.outer(mean, mean), rtol=1e-7, atol=1e-9 * scale**2
+    )
+
+
+def test_large_mean_keeps_covariance_accurate_in_float32():
+    """Rows with mean 1e4 and spread 1: float32 batch products about the shift keep the
+    covariance within 1e-3 relative (a naive uncentred float32 sum loses it entirely)."""
+    torch.manual_seed(0)
+    x = torch.randn(20000, 4) + 1e4
+    stats = CovarianceStats(4)
+    for chunk in x.split(1000):
+        stats.update(chunk)
+    _, cov = reference(x)
+    torch.testing.assert_close(stats.covariance, cov, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_large_activations_do_not_overflow(dtype):
+    """Activations near float16's limit (x^2 overflows float16) give finite, correct statistics."""
+    torch.manual_seed(0)
+    x = (torch.randn(512, 8) * 3e4).clamp(-6e4, 6e4).to(dtype)
+    stats = CovarianceStats(8)
+    stats.update(x)
+    assert stats.is_finite()
+    _, cov = reference(x.float())
+    torch.testing.assert_close(stats.covariance, cov, rtol=1e-5, atol=1e-3)
+
+
+def test_merge_equals_single_accumulator():
+    torch.manual_seed(1)
+    x = torch.randn(300, 6, dtype=torch.float64) * 5 + 2
+    a, b, both = CovarianceStats(6), CovarianceStats(6), CovarianceStats(6)
+    a.update(x[:100] + 0)
+    b.update(x[100:])
+    both.update(x)
+    a.merge_(b)
+    assert a.count == 300
+    torch.testing.assert_close(a.mean, both.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.covariance, both.covariance, rtol=1e-10, atol=1e-10)
+    empty = CovarianceStats(6)
+    empty.merge_(both)
+    torch.testing.assert_close(empty.covariance, both.covariance)
+
+
+def test_non_finite_rows_are_detected():
+    stats = CovarianceStats(3)
+    stats.update(torch.randn(10, 3))
+    assert stats.is_finite()
+    bad = torch.randn(10, 3)
+    bad[4, 1] = float("nan")
+    stats.update(bad)
+    assert not stats.is_finite()
+
+
+def test_errors():
+    stats = CovarianceStats(3)
+    with pytest.raises(ValueError, match="no rows have been accumulated"):
+        _ = stats.mean
+    with pytest.raises(
+        ValueError, match=r"expected rows of shape \(N, 3\)\nbut got shape \(4, 2\)"
+    ):
+        stats.update(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="cannot merge statistics of width 2 into 3"):
+        stats.merge_(CovarianceStats(2))
+
+
+def test_statistics_stay_on_the_rows_device_and_report_memory():
+    stats = CovarianceStats(5)
+    assert stats.device is None and stats.nbytes == 0
+    stats.update(torch.randn(7, 5))
+    assert stats.device == torch.device("cpu")
+    assert stats.sum_sq.dtype == torch.float64
+    assert stats.nbytes == (5 + 5 + 25) * 8

@@ -1,0 +1,35 @@
+"""torch_lowrank: post-training low-rank compression as data-driven low-rank recovery.
+
+The pre-activations a dense layer produces on calibration data are treated as noisy observations
+of a low-rank model, which is recovered by minimising the reconstruction error of those
+activations rather than the distance between weight matrices (Zhang & Saab, "Theoretical
+Guarantees for Low-Rank Compression of Deep Neural Networks", arXiv 2502.02766).
+
+Example:
+    >>> import torch, torch_lowrank as tl
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    >>> model, report = tl.compress(model, [torch.randn(256, 64)], ratio=0.5)
+    >>> report.params_after < report.params_before
+    True
+"""
+
+from .convert import calibrate, compress, convert, default_forward, recover_
+from .modules import METHODS, LowRankLinear
+from .report import LayerReport, Report
+from .stats import CovarianceStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "CovarianceStats",
+    "LayerReport",
+    "LowRankLinear",
+    "Report",
+    "calibrate",
+    "compress",
+    "convert",
+    "default_forward",
+    "recover_",
+]

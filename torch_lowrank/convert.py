@@ -1,0 +1,328 @@
+"""Model-level entry points: find and swap layers, calibrate, recover.
+
+The flow mirrors ``torch.ao.quantization``'s prepare -> calibrate -> convert::
+
+    tl.convert(model, ratio=0.5)      # swap layers for calibrating low-rank modules
+    tl.calibrate(model, batches)      # or run your own forward passes
+    report = tl.recover_(model)       # solve every layer, all or nothing
+
+``compress`` does the three in one call. Layers are found on a snapshot of ``named_modules()``
+taken before anything is swapped, and replaced in their parent with ``setattr`` (as torchao's
+``quantize_`` does).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Callable, Union
+
+import torch
+from torch import Tensor, nn
+
+from .modules import METHODS, LowRankLinear, _LowRankBase, target_rank
+from .report import LayerReport, Report
+
+__all__ = ["convert", "calibrate", "recover_", "compress"]
+
+logger = logging.getLogger(__name__)
+
+Filter = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
+
+# Layers convert() left dense, per model, so that recover_() can list them with the reason.
+_SKIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _patterns(spec: Filter) -> list[str]:
+    if spec is None or callable(spec):
+        return []
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def _matches(spec: Filter, name: str, module: nn.Module) -> bool:
+    if callable(spec):
+        return bool(spec(name, module))
+    return any(fnmatch.fnmatchcase(name, p) for p in _patterns(spec))
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def _dense_row(name: str, module: nn.Module, note: str) -> LayerReport:
+    params = sum(p.numel() for p in module.parameters())
+    return LayerReport(
+        name, tuple(module.weight.shape), None, params, params, 0.0, "dense", 0.0, note
+    )
+
+
+def _low_rank_modules(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Every low-rank module of ``model`` with all the names it is reachable under."""
+    found: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, _LowRankBase):
+            found.setdefault(module, []).append(name)
+    return found
+
+
+def convert(
+    model: nn.Module,
+    *,
+    rank: int | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    include: Filter = None,
+    exclude: Filter = None,
+    add_bias: bool = True,
+) -> nn.Module:
+    """Swap every ``nn.Linear`` whose factorisation saves parameters for a calibrating
+    :class:`~torch_lowrank.LowRankLinear`, in place.
+
+    Args:
+        model: any ``nn.Module``; nested modules, ``Sequential``, ``ModuleList`` and ``ModuleDict``
+            are searched. A layer shared under several names is swapped everywhere.
+        rank: the rank of every converted layer (layers where it saves nothing stay dense).
+        ratio: the fraction of each layer's weight parameters kept, in (0, 1]:
+            ``rank = floor(ratio * m * n / (m + n))`` for an ``m x n`` weight.
+        energy: the fraction of each layer's output variance kept, in (0, 1]; the rank is chosen
+            per layer at recovery.
+        include: fnmatch pattern(s) on qualified module names, or ``callable(name, module)``; only
+            matching layers are converted.
+        exclude: the same; matching layers stay dense.
+        add_bias: see :meth:`LowRankLinear.from_linear`.
+
+    Returns:
+        ``model`` (a ``LowRankLinear`` when ``model`` itself is an ``nn.Linear``). Layers already
+        converted are left as they are, so converting twice does not nest.
+
+    Raises:
+        ValueError: not exactly one of rank / ratio / energy, or one out of range.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> model = convert(model, ratio=0.5, exclude="2")
+        >>> type(model[0]).__name__, type(model[2]).__name__
+        ('LowRankLinear', 'Linear')
+    """
+    # Validate the specification once, on a shape every value fits.
+    target_rank((1 << 20, 1 << 20), rank, ratio, energy, "convert")
+    if rank is None and ratio is None and energy is None:
+        raise ValueError("convert: give exactly one of rank, ratio or energy")
+
+    inside: list[str] = []  # prefixes of existing low-rank modules: never convert their children
+    swapped: dict[nn.Module, nn.Module] = {}
+    skipped: list[LayerReport] = []
+    used_patterns: set[str] = set()
+    root = model
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, _LowRankBase):
+            inside.append(f"{name}." if name else "")
+            continue
+        if not isinstance(module, nn.Linear):
+            continue
+        if module in swapped:  # the same layer under a second name
+            _replace(model, name, swapped[module])
+            continue
+        if include is not None:
+            hits = [p for p in _patterns(include) if fnmatch.fnmatchcase(name, p)]
+            used_patterns.update(hits)
+            if not _matches(include, name, module):
+                continue
+        if exclude is not None and _matches(exclude, name, module):
+            skipped.append(_dense_row(name, module, "excluded"))
+            continue
+        m, n = module.out_features, module.in_features
+        try:
+            r = target_rank((m, n), rank if rank is None else min(rank, m, n), ratio, energy, name)
+        except ValueError as err:
+            skipped.append(_dense_row(name, module, str(err).splitlines()[0].split(": ", 1)[-1]))
+            continue
+        smallest = 1 if r is None else r
+        if smallest * (m + n) >= m * n:
+            skipped.append(_dense_row(name, module, f"rank {smallest} saves no parameters"))
+            continue
+        new = LowRankLinear.from_linear(module, rank=r, energy=energy, add_bias=add_bias, name=name)
+        swapped[module] = new
+        if name:
+            _replace(model, name, new)
+        else:
+            root = new
+    for pattern in _patterns(include):
+        if pattern not in used_patterns:
+            warnings.warn(f"convert: include pattern {pattern!r} matched no module", stacklevel=2)
+    for row in skipped:
+        logger.info("convert: %s stays dense (%s)", row.name, row.note)
+    _SKIPPED[root] = skipped
+    return root
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for tensor in model.parameters():
+        return tensor.device
+    return None
+
+
+def _move(value: Any, device: torch.device | None) -> Any:
+    return value.to(device) if isinstance(value, Tensor) and device is not None else value
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Run one calibration batch: a tensor is the input; a mapping is passed as keyword
+    arguments; a tuple or list is ``(inputs, targets, ...)`` and only ``inputs`` is used.
+    Tensors are moved to the model's device."""
+    device = _model_device(model)
+    if isinstance(batch, Mapping):
+        return model(**{k: _move(v, device) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return model(_move(batch[0], device))
+    return model(_move(batch, device))
+
+
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> int:
+    """Run calibration batches through ``model`` in eval mode without gradients.
+
+    The calibrating modules' hooks accumulate their statistics; the model's train/eval mode is
+    restored afterwards. Returns the number of batches.
+
+    Example:
+        >>> model = convert(nn.Sequential(nn.Linear(32, 32)), rank=4)
+        >>> calibrate(model, [torch.randn(16, 32) for _ in range(3)])
+        3
+    """
+    forward_fn = forward_fn or default_forward
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in data:
+                forward_fn(model, batch)
+                count += 1
+    finally:
+        model.train(was_training)
+    return count
+
+
+def recover_(model: nn.Module, *, method: str = "linear") -> Report:
+    """Recover every calibrating low-rank module of ``model``, all or nothing.
+
+    Every layer is solved first; only when all solves succeed are the factors written. A
+    module that saw no calibration data goes back to its original dense layer (with a warning),
+    as does a layer whose energy-chosen rank would save nothing. Layers ``convert`` left dense are
+    listed too.
+
+    Args:
+        model: a model prepared by :func:`convert` and run on calibration data.
+        method: ``"linear"`` (exact data-driven optimum) or ``"svd"`` (weights only).
+
+    Returns:
+        a :class:`~torch_lowrank.report.Report` with one row per layer.
+
+    Raises:
+        ValueError: unknown method, or a layer's statistics hold NaN/Inf; the model is unchanged.
+
+    Example:
+        >>> model = convert(nn.Sequential(nn.Linear(32, 32), nn.ReLU()), rank=4)
+        >>> _ = calibrate(model, [torch.randn(64, 32)])
+        >>> report = recover_(model)
+        >>> report["0"].rank
+        4
+    """
+    if method not in METHODS:
+        raise ValueError(
+            f"recover_: method must be one of {', '.join(METHODS)}\nbut got {method!r}"
+        )
+    found = {m: names for m, names in _low_rank_modules(model).items() if m.calibrating}
+    if not found:
+        warnings.warn(
+            "recover_: the model has no calibrating low-rank module; call convert() first",
+            stacklevel=2,
+        )
+
+    # Phase 1: solve everything; nothing in the model changes here.
+    plans: dict[nn.Module, tuple] = {}
+    for module in found:
+        if method != "svd" and module.samples_seen == 0:
+            plans[module] = ("dense", "saw no calibration data")
+            continue
+        start = time.perf_counter()
+        factors = module._solve(method)
+        m, n = module.matrix_shape
+        if factors.rank * (m + n) >= m * n:
+            plans[module] = (
+                "dense",
+                f"rank {factors.rank} for energy={module.energy} saves nothing",
+            )
+            continue
+        layers = module._factor_layers(factors.down, factors.up, factors.bias)
+        plans[module] = ("factors", factors, layers, time.perf_counter() - start)
+
+    # Phase 2: write back (attribute assignments only).
+    rows: dict[nn.Module, LayerReport] = {}
+    for module, plan in plans.items():
+        if plan[0] == "dense":
+            dense = module.to_dense()
+            rows[module] = _dense_row(found[module][0], dense, plan[1])
+            if plan[1].startswith("saw no"):
+                warnings.warn(f"recover_: {module.layer_name} {plan[1]}; kept dense", stacklevel=2)
+            for name in found[module]:
+                if name:
+                    _replace(model, name, dense)
+            continue
+        _, factors, layers, seconds = plan
+        rows[module] = module._report_row(factors, method, seconds)
+        module._install(factors.rank, layers)
+
+    by_name = {row.name: row for row in _SKIPPED.get(model, [])}
+    by_name.update({found[module][0]: row for module, row in rows.items()})
+    report = Report()
+    for name, module in model.named_modules():
+        row = by_name.get(name)
+        if row is not None and (row.method != "dense" or not isinstance(module, _LowRankBase)):
+            report.layers.append(row)
+    return report
+
+
+def compress(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    method: str = "linear",
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    **convert_kwargs: Any,
+) -> tuple[nn.Module, Report]:
+    """Convert, calibrate on ``data`` and recover, in one call.
+
+    Args:
+        model: the trained model (changed in place).
+        data: an iterable of calibration batches (see :func:`default_forward`); iterated once.
+        method: the recovery method.
+        forward_fn: ``forward_fn(model, batch)`` runs one batch; defaults to
+            :func:`default_forward`.
+        **convert_kwargs: ``rank`` / ``ratio`` / ``energy``, ``include``, ``exclude``,
+            ``add_bias``, passed to :func:`convert`.
+
+    Returns:
+        ``(model, report)``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        >>> batches = [torch.randn(128, 32) for _ in range(4)]
+        >>> model, report = compress(model, batches, ratio=0.25)
+        >>> [row.rank for row in report.layers]
+        [5, 5]
+    """
+    model = convert(model, **convert_kwargs)
+    calibrate(model, data, forward_fn)
+    return model, recover_(model, method=method)

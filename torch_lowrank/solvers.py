@@ -1,0 +1,224 @@
+"""Pure solver functions: a dense layer and its input statistics in, low-rank factors out.
+
+A layer is the matrix ``W`` (m x n, out x in) and bias ``b``; a conv is its weight reshaped to
+``C_out x (C_in kh kw)``. Every solver returns :class:`Factors` with ``up`` (m x r), ``down``
+(r x n) and the new bias ``c``, so that the layer becomes ``x -> up @ (down @ x) + c``.
+
+* :func:`svd` — truncated SVD of ``W``: the data-agnostic baseline.
+* :func:`linear` — the exact optimum of ``min_{rank Z <= r, c} E || (W x + b) - (Z x + c) ||^2``
+  (DESIGN section 2; Zhang & Saab, arXiv 2502.02766): ``P_r`` = top-r eigenvectors of the output
+  covariance ``W C W^T``, ``Z = P_r P_r^T W``, ``c = b + (W - Z) mu``. Its error is the
+  eigenvalue tail. It never inverts or Cholesky-factors ``C``, so a singular ``C`` is fine.
+
+Everything is computed in float64 on the device of the weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Factors", "select_rank", "svd", "linear", "output_error"]
+
+
+@dataclass
+class Factors:
+    """The result of a solve: ``x -> up @ (down @ x) + bias``.
+
+    Attributes:
+        up: ``(m, r)`` float64, orthonormal columns.
+        down: ``(r, n)`` float64.
+        bias: ``(m,)`` float64, or ``None`` for a layer without bias.
+        error: ``E || y - y_hat ||^2`` on the calibration data (``nan`` when there is none).
+        variance: ``E || y - E y ||^2``, the output variance of the dense layer (``nan`` likewise).
+        spectrum: the descending eigenvalues the rank was chosen from (output covariance for
+            ``linear``, squared singular values of ``W`` for ``svd``).
+    """
+
+    up: Tensor
+    down: Tensor
+    bias: Tensor | None
+    error: float
+    variance: float
+    spectrum: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def relative_error(self) -> float:
+        """``error / variance``: the fraction of the output variance the factors lose."""
+        if math.isnan(self.error) or math.isnan(self.variance):
+            return math.nan
+        if self.variance <= 0.0:
+            return 0.0 if self.error <= 0.0 else math.inf
+        return self.error / self.variance
+
+
+def select_rank(spectrum: Tensor, rank: int | None = None, energy: float | None = None) -> int:
+    """The rank to keep: ``rank`` itself, or the smallest rank whose leading eigenvalues hold
+    at least ``energy`` of the total.
+
+    Example:
+        >>> select_rank(torch.tensor([8.0, 1.0, 1.0]), energy=0.8)
+        1
+        >>> select_rank(torch.tensor([8.0, 1.0, 1.0]), energy=0.85)
+        2
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    k = spectrum.shape[0]
+    if rank is not None:
+        if not 1 <= rank <= k:
+            raise ValueError(f"rank must be in [1, {k}]\nbut got {rank}")
+        return rank
+    total = float(spectrum.sum())
+    if total <= 0.0:
+        return 1
+    kept = torch.cumsum(spectrum, 0) / total
+    # Tolerate rounding so that energy=1.0 stops at the numerical rank, not at k.
+    return min(k, int((kept < energy - 1e-12).sum()) + 1)
+
+
+def _descending_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    evals, evecs = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return evals.flip(0).clamp_min(0.0), evecs.flip(1)
+
+
+def _orthonormal_columns(B: Tensor) -> Tensor:
+    """Orthonormalise ``B``, whose columns are mutually orthogonal in exact arithmetic.
+
+    Scaling each column to unit norm is exact and cheap; when some column is too small for that
+    to be accurate (its eigenvalue at rounding level), fall back to a QR factorisation, which
+    completes the basis with some orthonormal direction (it cannot increase the error).
+    """
+    norms = torch.linalg.vector_norm(B, dim=0)
+    if norms.min() > 1e-6 * norms.max():
+        return B / norms
+    return torch.linalg.qr(B).Q
+
+
+def output_error(
+    weight: Tensor,
+    bias: Tensor | None,
+    factors_up: Tensor,
+    factors_down: Tensor,
+    new_bias: Tensor | None,
+    mean: Tensor,
+    cov: Tensor,
+) -> float:
+    """``E || (W x + b) - (up down x + c) ||^2`` for inputs of the given mean and covariance.
+
+    With ``D = W - up down`` this is ``tr(D C D^T) + || D mu + b - c ||^2``.
+    """
+    W = weight.detach().to(torch.float64)
+    D = W - factors_up @ factors_down
+    offset = D @ mean
+    if bias is not None:
+        offset = offset + bias.detach().to(torch.float64)
+    if new_bias is not None:
+        offset = offset - new_bias
+    return float(((D @ cov) * D).sum() + offset.square().sum())
+
+
+def svd(
+    weight: Tensor,
+    bias: Tensor | None,
+    rank: int | None = None,
+    energy: float | None = None,
+    mean: Tensor | None = None,
+    cov: Tensor | None = None,
+) -> Factors:
+    """Truncated SVD of the weight (data-agnostic); the bias is kept as it is.
+
+    ``mean``/``cov`` are optional and only used to report the error on calibration data.
+
+    Example:
+        >>> w = torch.randn(6, 4, dtype=torch.float64)
+        >>> f = svd(w, None, rank=4)
+        >>> torch.allclose(f.up @ f.down, w)
+        True
+    """
+    W = weight.detach().to(torch.float64)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    r = select_rank(S.square(), rank, energy)
+    up, down = U[:, :r], S[:r, None] * Vh[:r]
+    new_bias = None if bias is None else bias.detach().to(torch.float64).clone()
+    error = variance = math.nan
+    if mean is not None and cov is not None:
+        error = output_error(W, bias, up, down, new_bias, mean, cov)
+        variance = float(((W @ cov) * W).sum())
+    return Factors(up, down, new_bias, error, variance, S.square())
+
+
+def linear(
+    weight: Tensor,
+    bias: Tensor | None,
+    mean: Tensor,
+    cov: Tensor,
+    rank: int | None = None,
+    energy: float | None = None,
+    add_bias: bool = True,
+) -> Factors:
+    r"""The exact data-driven optimum of DESIGN section 2.
+
+    Solves :math:`\min_{\mathrm{rank}\,Z \le r,\ c} E\,\|(Wx + b) - (Zx + c)\|^2` over inputs of
+    mean ``mean`` and covariance ``cov``. The optimum projects ``W`` on the top-r eigenvectors
+    ``P_r`` of the output covariance ``W C W^T`` and corrects the bias with the mean. A layer
+    without bias and ``add_bias=False`` is solved on the uncentred second moment (the optimum
+    without an intercept) and stays without bias.
+
+    Cost: when ``m <= n``, one ``m x m`` eigendecomposition; when ``m > n`` the work happens in the
+    n-dimensional space (two ``n x n`` eigendecompositions and products with ``W``), so the cost
+    grows like ``min(m, n)^3 + m n min(m, n)``.
+
+    Args:
+        weight: ``(m, n)``. bias: ``(m,)`` or ``None``.
+        mean: ``(n,)`` input mean. cov: ``(n, n)`` input covariance (may be singular).
+        rank / energy: exactly one; see :func:`select_rank`.
+        add_bias: give a bias-free layer a bias ``c`` to absorb the mean correction.
+
+    Example:
+        >>> w, x = torch.randn(8, 5, dtype=torch.float64), torch.randn(1000, 5, dtype=torch.float64)
+        >>> f = linear(w, None, x.mean(0), torch.cov(x.T, correction=0), rank=2)
+        >>> y, y_hat = x @ w.T, x @ f.down.T @ f.up.T + f.bias
+        >>> abs((y - y_hat).square().sum(1).mean().item() - f.error) < 1e-8
+        True
+    """
+    W = weight.detach().to(torch.float64)
+    m, n = W.shape
+    mean = mean.to(device=W.device, dtype=torch.float64)
+    centred = add_bias or bias is not None
+    moment = cov.to(device=W.device, dtype=torch.float64)
+    if not centred:
+        moment = moment + torch.outer(mean, mean)
+
+    if m <= n:
+        spectrum, evecs = _descending_eigh(W @ moment @ W.T)  # (m,), (m, m)
+        r = select_rank(spectrum, rank, energy)
+        up = evecs[:, :r]
+    else:
+        # W C W^T = A A^T with A = W C^{1/2}; its top eigenvectors are the top left singular
+        # vectors of A, found from the n x n matrix A^T A = C^{1/2} (W^T W) C^{1/2}.
+        s, V = _descending_eigh(moment)
+        half = V * s.sqrt()  # (n, n), half @ half.T = moment
+        gram = W.T @ W  # (n, n)
+        spectrum, Q = _descending_eigh(half.T @ gram @ half)  # (n,), (n, n)
+        r = select_rank(spectrum, rank, energy)
+        up = _orthonormal_columns(W @ (half @ Q[:, :r]))  # (m, r): A Q_r, normalised
+    down = up.T @ W  # (r, n)
+
+    if centred:
+        new_bias = W @ mean - up @ (down @ mean)  # (W - Z) mu
+        if bias is not None:
+            new_bias = new_bias + bias.detach().to(torch.float64)
+        variance = float(spectrum.sum())
+    else:
+        new_bias = None
+        variance = float(spectrum.sum()) - float((W @ mean).square().sum())
+    error = float(spectrum[r:].sum())
+    return Factors(up, down, new_bias, error, max(variance, 0.0), spectrum)

@@ -1,0 +1,154 @@
+"""Streaming statistics of a layer's inputs.
+
+Every sample row ``x`` (one token of a Linear layer, one receptive-field patch of a conv) adds to
+
+    sum (x - s),   sum (x - s)(x - s)^T,   and the count N,
+
+where the shift ``s`` is the mean of the first batch. Accumulating about a shift instead of about
+zero keeps the covariance accurate when the mean is large compared to the spread (the textbook
+"shifted data" algorithm). Each batch product runs in float32 (float64 for float64 inputs) and the
+running sums are float64, so millions of rows and float16/bfloat16 activations lose nothing. The
+sums live on the device of the rows they are fed, and ``merge_`` adds two accumulators exactly.
+
+The accumulator is a plain object, not a buffer: it is never part of a ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["CovarianceStats"]
+
+
+class CovarianceStats:
+    r"""Streaming mean and covariance of sample rows of width ``features``.
+
+    Args:
+        features: the width ``n`` of every row.
+
+    Shape:
+        - rows passed to :meth:`update`: :math:`(N, n)`.
+        - :attr:`mean`: :math:`(n,)`, :attr:`covariance` and :attr:`second_moment`: :math:`(n, n)`,
+          all float64 on the device of the first batch.
+
+    Example:
+        >>> stats = CovarianceStats(3)
+        >>> stats.update(torch.randn(100, 3))
+        >>> stats.update(torch.randn(50, 3))
+        >>> stats.count, tuple(stats.covariance.shape)
+        (150, (3, 3))
+    """
+
+    def __init__(self, features: int) -> None:
+        self.features = features
+        self.count = 0
+        self.shift: Tensor | None = None  # (n,) float64
+        self.sum: Tensor | None = None  # (n,) float64, sum of (x - shift)
+        self.sum_sq: Tensor | None = None  # (n, n) float64, sum of (x - shift)(x - shift)^T
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device the sums live on (``None`` before the first batch)."""
+        return None if self.shift is None else self.shift.device
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the running sums, in bytes."""
+        if self.sum_sq is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.shift, self.sum, self.sum_sq))
+
+    @torch.no_grad()
+    def update(self, rows: Tensor) -> None:
+        """Add a batch of rows ``(N, n)`` to the sums."""
+        if rows.dim() != 2 or rows.shape[1] != self.features:
+            raise ValueError(
+                f"expected rows of shape (N, {self.features})\nbut got shape {tuple(rows.shape)}"
+            )
+        if rows.shape[0] == 0:
+            return
+        work = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        x = rows.detach().to(work)
+        if self.shift is None:
+            self.shift = x.mean(0, dtype=torch.float64)
+            self.sum = torch.zeros_like(self.shift)
+            self.sum_sq = torch.zeros(
+                self.features, self.features, dtype=torch.float64, device=x.device
+            )
+        elif x.device != self.shift.device:
+            raise ValueError(
+                f"calibration rows arrived on {x.device}\n"
+                f"but the statistics live on {self.shift.device}; keep the model on one device"
+            )
+        x = x - self.shift.to(work)
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sum_sq += (x.T @ x).to(torch.float64)  # batch product in float32, sum in float64
+        self.count += x.shape[0]
+
+    def _require_data(self) -> None:
+        if self.count == 0:
+            raise ValueError("no rows have been accumulated")
+
+    @property
+    def mean(self) -> Tensor:
+        """The mean row, ``(n,)`` float64."""
+        self._require_data()
+        return self.shift + self.sum / self.count
+
+    @property
+    def covariance(self) -> Tensor:
+        """The (biased, ``1/N``) covariance, ``(n, n)`` float64, exactly symmetric."""
+        self._require_data()
+        d = self.sum / self.count
+        cov = self.sum_sq / self.count - torch.outer(d, d)
+        return (cov + cov.T) / 2
+
+    @property
+    def second_moment(self) -> Tensor:
+        """The uncentred second moment ``(1/N) sum x x^T``, ``(n, n)`` float64."""
+        mean = self.mean
+        return self.covariance + torch.outer(mean, mean)
+
+    def is_finite(self) -> bool:
+        """Whether every accumulated sum is finite (a NaN or Inf row makes them non-finite)."""
+        return self.count > 0 and bool(
+            torch.isfinite(self.sum_sq).all() & torch.isfinite(self.sum).all()
+        )
+
+    @torch.no_grad()
+    def merge_(self, other: CovarianceStats) -> CovarianceStats:
+        """Add the rows of ``other`` to this accumulator, exactly; returns ``self``.
+
+        Example:
+            >>> a, b, both = CovarianceStats(2), CovarianceStats(2), CovarianceStats(2)
+            >>> x = torch.randn(10, 2, dtype=torch.float64)
+            >>> a.update(x[:4]); b.update(x[4:]); both.update(x)
+            >>> torch.allclose(a.merge_(b).covariance, both.covariance)
+            True
+        """
+        if other.features != self.features:
+            raise ValueError(
+                f"cannot merge statistics of width {other.features} into {self.features}"
+            )
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self.shift, self.sum, self.sum_sq = (
+                t.clone() for t in (other.shift, other.sum, other.sum_sq)
+            )
+            self.count = other.count
+            return self
+        # Re-centre other's sums from its shift to ours: x - s = (x - t) + (t - s).
+        delta = other.shift.to(self.shift.device) - self.shift
+        o_sum = other.sum.to(self.shift.device)
+        cross = torch.outer(o_sum, delta)
+        self.sum_sq += (
+            other.sum_sq.to(self.shift.device)
+            + cross
+            + cross.T
+            + other.count * torch.outer(delta, delta)
+        )
+        self.sum += o_sum + other.count * delta
+        self.count += other.count
+        return self
