@@ -19,7 +19,10 @@ from torch import Tensor, nn
 
 from .convert import compress
 
-__all__ = ["load_digits", "train_mlp", "accuracy", "run", "main"]
+__all__ = ["DEFAULT_RATIOS", "load_digits", "train_mlp", "accuracy", "run", "main"]
+
+#: The ratios the demo prints (fraction of each hidden layer's weight parameters kept).
+DEFAULT_RATIOS = (0.2, 0.1, 0.05)
 
 
 def load_digits(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -28,9 +31,7 @@ def load_digits(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the demo needs scikit-learn: pip install 'torch_lowrank[demo]'"
-        ) from err
+        raise ImportError("the demo needs scikit-learn: pip install 'torch_lowrank[demo]'") from err
     data = sk_load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
@@ -40,7 +41,9 @@ def load_digits(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[train], y[train], x[test], y[test]
 
 
-def train_mlp(x: Tensor, y: Tensor, hidden: int = 256, epochs: int = 60, seed: int = 0) -> nn.Module:
+def train_mlp(
+    x: Tensor, y: Tensor, hidden: int = 256, epochs: int = 60, seed: int = 0
+) -> nn.Module:
     """A ``64 -> hidden -> hidden -> 10`` ReLU MLP trained with Adam (seconds on a CPU)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
@@ -67,7 +70,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def run(
-    ratios: tuple[float, ...] = (0.5, 0.25, 0.1, 0.05),
+    ratios: tuple[float, ...] = DEFAULT_RATIOS,
     seed: int = 0,
     out: TextIO = sys.stdout,
 ) -> dict[float, dict[str, float]]:
@@ -105,7 +108,7 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point of the demo."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1, 0.05])
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     run(tuple(args.ratios), seed=args.seed)
