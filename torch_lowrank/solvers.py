@@ -16,7 +16,7 @@ Everything is computed in float64 on the device of the weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ class Factors:
         variance: ``E || y - E y ||^2``, the output variance of the dense layer (``nan`` likewise).
         spectrum: the descending eigenvalues the rank was chosen from (output covariance for
             ``linear``, squared singular values of ``W`` for ``svd``).
+        info: anything else a solver reports (iterations, objective before/after, ...).
     """
 
     up: Tensor
@@ -44,6 +45,7 @@ class Factors:
     error: float
     variance: float
     spectrum: Tensor
+    info: dict = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
