@@ -14,8 +14,10 @@ Example:
     True
 """
 
+from .base import METHODS
+from .conv import LowRankConv1d, LowRankConv2d
 from .convert import calibrate, compress, convert, default_forward, recover_
-from .modules import METHODS, LowRankLinear
+from .linear import LowRankLinear
 from .report import LayerReport, Report
 from .stats import CovarianceStats
 
@@ -25,6 +27,8 @@ __all__ = [
     "METHODS",
     "CovarianceStats",
     "LayerReport",
+    "LowRankConv1d",
+    "LowRankConv2d",
     "LowRankLinear",
     "Report",
     "calibrate",

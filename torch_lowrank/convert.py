@@ -24,7 +24,9 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
-from .modules import METHODS, LowRankLinear, _LowRankBase, target_rank
+from .base import METHODS, _LowRankBase, target_rank
+from .conv import LowRankConv1d, LowRankConv2d
+from .linear import LowRankLinear
 from .report import LayerReport, Report
 
 __all__ = ["convert", "calibrate", "recover_", "compress"]
@@ -32,6 +34,9 @@ __all__ = ["convert", "calibrate", "recover_", "compress"]
 logger = logging.getLogger(__name__)
 
 Filter = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
+
+# Which low-rank module replaces which dense layer type.
+_REPLACEMENTS = ((nn.Linear, LowRankLinear), (nn.Conv2d, LowRankConv2d), (nn.Conv1d, LowRankConv1d))
 
 # Layers convert() left dense, per model, so that recover_() can list them with the reason.
 _SKIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -80,15 +85,18 @@ def convert(
     exclude: Filter = None,
     add_bias: bool = True,
 ) -> nn.Module:
-    """Swap every ``nn.Linear`` whose factorisation saves parameters for a calibrating
-    :class:`~torch_lowrank.LowRankLinear`, in place.
+    """Swap every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` whose factorisation saves
+    parameters for a calibrating low-rank module (:class:`~torch_lowrank.LowRankLinear`,
+    :class:`~torch_lowrank.LowRankConv1d`, :class:`~torch_lowrank.LowRankConv2d`), in place.
 
     Args:
         model: any ``nn.Module``; nested modules, ``Sequential``, ``ModuleList`` and ``ModuleDict``
             are searched. A layer shared under several names is swapped everywhere.
-        rank: the rank of every converted layer (layers where it saves nothing stay dense).
+        rank: the rank of every converted layer (per group for grouped convs), clamped to the
+            layer's size; layers where it saves nothing stay dense.
         ratio: the fraction of each layer's weight parameters kept, in (0, 1]:
-            ``rank = floor(ratio * m * n / (m + n))`` for an ``m x n`` weight.
+            ``rank = floor(ratio * m * n / (m + n))`` for an ``m x n`` weight (a conv's weight is
+            ``C_out x (C_in kh kw)``, per group).
         energy: the fraction of each layer's output variance kept, in (0, 1]; the rank is chosen
             per layer at recovery.
         include: fnmatch pattern(s) on qualified module names, or ``callable(name, module)``; only
@@ -97,7 +105,7 @@ def convert(
         add_bias: see :meth:`LowRankLinear.from_linear`.
 
     Returns:
-        ``model`` (a ``LowRankLinear`` when ``model`` itself is an ``nn.Linear``). Layers already
+        ``model`` (a low-rank module when ``model`` itself is a single layer). Layers already
         converted are left as they are, so converting twice does not nest.
 
     Raises:
@@ -125,7 +133,8 @@ def convert(
         if isinstance(module, _LowRankBase):
             inside.append(f"{name}." if name else "")
             continue
-        if not isinstance(module, nn.Linear):
+        low_rank = next((lr for dense, lr in _REPLACEMENTS if isinstance(module, dense)), None)
+        if low_rank is None:
             continue
         if module in swapped:  # the same layer under a second name
             _replace(model, name, swapped[module])
@@ -138,7 +147,10 @@ def convert(
         if exclude is not None and _matches(exclude, name, module):
             skipped.append(_dense_row(name, module, "excluded"))
             continue
-        m, n = module.out_features, module.in_features
+        if getattr(module, "groups", 1) > 1 and module.in_channels == module.groups:
+            skipped.append(_dense_row(name, module, "depthwise conv stays dense"))
+            continue
+        m, n = low_rank.matrix_shape_of(module)
         try:
             r = target_rank((m, n), rank if rank is None else min(rank, m, n), ratio, energy, name)
         except ValueError as err:
@@ -148,7 +160,7 @@ def convert(
         if smallest * (m + n) >= m * n:
             skipped.append(_dense_row(name, module, f"rank {smallest} saves no parameters"))
             continue
-        new = LowRankLinear.from_linear(module, rank=r, energy=energy, add_bias=add_bias, name=name)
+        new = low_rank.from_dense(module, rank=r, energy=energy, add_bias=add_bias, name=name)
         swapped[module] = new
         if name:
             _replace(model, name, new)
@@ -258,14 +270,11 @@ def recover_(model: nn.Module, *, method: str = "linear") -> Report:
             continue
         start = time.perf_counter()
         factors = module._solve(method)
-        m, n = module.matrix_shape
-        if factors.rank * (m + n) >= m * n:
-            plans[module] = (
-                "dense",
-                f"rank {factors.rank} for energy={module.energy} saves nothing",
-            )
+        rank = factors[0].rank
+        if not module.saves_parameters(rank):
+            plans[module] = ("dense", f"rank {rank} for energy={module.energy} saves nothing")
             continue
-        layers = module._factor_layers(factors.down, factors.up, factors.bias)
+        layers = module._factor_layers(factors)
         plans[module] = ("factors", factors, layers, time.perf_counter() - start)
 
     # Phase 2: write back (attribute assignments only).
@@ -282,7 +291,7 @@ def recover_(model: nn.Module, *, method: str = "linear") -> Report:
             continue
         _, factors, layers, seconds = plan
         rows[module] = module._report_row(factors, method, seconds)
-        module._install(factors.rank, layers)
+        module._install(layers)
 
     by_name = {row.name: row for row in _SKIPPED.get(model, [])}
     by_name.update({found[module][0]: row for module, row in rows.items()})

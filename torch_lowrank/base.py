@@ -1,0 +1,288 @@
+"""What every low-rank module shares: the two phases, the statistics, the recovery.
+
+1. *calibrating* (built by ``from_linear`` / ``from_conv2d`` / ...): the module holds the original
+   dense layer as ``dense``, forward is exactly that layer, and a forward pre-hook (a
+   ``RemovableHandle``) feeds every input sample row to a
+   :class:`~torch_lowrank.stats.CovarianceStats` (one per group of a grouped conv).
+2. *recovered* (after ``recover_()``): the module holds two factor layers, ``down`` (inputs to
+   ``r``) and ``up`` (``r`` to outputs, with the bias); the dense layer, the statistics and the
+   hook are gone.
+
+A subclass says how inputs become sample rows (:meth:`_row_chunks`), what its weight matrices
+are (:meth:`_matrices`), how it builds its two factor layers (:meth:`_factor_layers`) and how it
+goes back to a dense layer (:meth:`to_dense`). Statistics and solvers are shared, not copied.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from . import solvers
+from .report import LayerReport
+from .stats import CovarianceStats
+
+__all__ = ["METHODS", "target_rank"]
+
+#: Recovery methods a module accepts.
+METHODS = ("linear", "svd")
+
+
+def _observe(module: _LowRankBase, args: tuple) -> None:
+    """Forward pre-hook of a calibrating module: accumulate the statistics of its input."""
+    module._accumulate(args[0])
+
+
+def target_rank(
+    shape: tuple[int, int],
+    rank: int | None,
+    ratio: float | None,
+    energy: float | None,
+    name: str,
+) -> int | None:
+    """Validate the rank specification of a layer whose weight matrix is ``shape = (m, n)`` and
+    return its rank (``None`` with ``energy``: the rank is chosen at recovery).
+
+    ``ratio`` is the fraction of the weight parameters kept: ``rank = floor(ratio m n / (m + n))``.
+
+    Example:
+        >>> target_rank((64, 32), None, 0.5, None, "fc")
+        10
+    """
+    m, n = shape
+    given = [k for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(
+            f"{name}: give exactly one of rank, ratio or energy\n"
+            f"but got {', '.join(given) if given else 'none'}"
+        )
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"{name}: rank must be an int\nbut got {rank!r}")
+        if not 1 <= rank <= min(m, n):
+            raise ValueError(
+                f"{name}: rank must be in [1, {min(m, n)}] for a {m} x {n} weight\nbut got {rank}"
+            )
+        return rank
+    value, label = (ratio, "ratio") if ratio is not None else (energy, "energy")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}: {label} must be a number in (0, 1]\nbut got {value!r}")
+    if energy is not None:
+        return None
+    r = math.floor(ratio * m * n / (m + n))
+    if r < 1:
+        raise ValueError(
+            f"{name}: ratio={ratio} leaves no rank for a {m} x {n} weight\n"
+            f"(rank 1 keeps {(m + n) / (m * n):.3f} of its parameters)"
+        )
+    return min(r, m, n)
+
+
+def new_parameter(value: Tensor, like: Tensor) -> nn.Parameter:
+    """``value`` as a parameter with the dtype, device and ``requires_grad`` of ``like``."""
+    return nn.Parameter(
+        value.detach().to(device=like.device, dtype=like.dtype).contiguous(),
+        requires_grad=like.requires_grad,
+    )
+
+
+class _LowRankBase(nn.Module):
+    """Phases, statistics and recovery shared by the low-rank modules (see the module doc)."""
+
+    calibrating: bool
+    #: Independent blocks of the weight (a grouped conv's groups); each gets its own factors.
+    groups: int = 1
+
+    def _start_calibration(
+        self,
+        dense: nn.Module,
+        rank: int | None,
+        energy: float | None,
+        add_bias: bool,
+        name: str | None,
+    ) -> None:
+        for child in ("down", "up"):
+            if hasattr(self, child):
+                delattr(self, child)
+        self.dense = dense
+        self.calibrating = True
+        self.target_rank = rank
+        self.energy = energy
+        self.add_bias = add_bias
+        self.layer_name = name or type(self).__name__
+        self.stats: list[CovarianceStats] | None = None
+        self._calibration_hook = self.register_forward_pre_hook(_observe)
+
+    def _start_recovered(self, rank: int, add_bias: bool) -> None:
+        self.calibrating = False
+        self.target_rank = rank
+        self.energy = None
+        self.add_bias = add_bias
+        self.layer_name = type(self).__name__
+        self.stats = None
+
+    # -- subclass interface ------------------------------------------------------------------
+    def _row_chunks(self, x: Tensor) -> Iterable[Tensor]:
+        """The sample rows of input ``x``, ``(N, groups * n)``, in memory-bounded chunks."""
+        raise NotImplementedError
+
+    def _matrices(self) -> list[tuple[Tensor, Tensor | None]]:
+        """Per group, the dense weight as an ``(m, n)`` matrix and its bias ``(m,)``."""
+        raise NotImplementedError
+
+    def _factor_layers(self, factors: list[solvers.Factors]) -> tuple[nn.Module, nn.Module]:
+        """Build ``(down, up)`` from per-group float64 factors, in the dense layer's dtype."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        """The equivalent dense layer."""
+        raise NotImplementedError
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """One group's weight as a matrix: ``(m, n)`` = (outputs, inputs per sample row)."""
+        raise NotImplementedError
+
+    # -- calibration --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _accumulate(self, x: Tensor) -> None:
+        n = self.matrix_shape[1]
+        for rows in self._row_chunks(x):
+            if self.stats is None:
+                self.stats = [CovarianceStats(n) for _ in range(self.groups)]
+            for j, stats in enumerate(self.stats):
+                stats.update(rows if self.groups == 1 else rows[:, j * n : (j + 1) * n])
+
+    @property
+    def samples_seen(self) -> int:
+        """How many sample rows the statistics hold (0 once recovered)."""
+        return 0 if self.stats is None else self.stats[0].count
+
+    @property
+    def rank(self) -> int | None:
+        """The rank of the factors (per group), or while calibrating the target rank (``None``
+        with energy)."""
+        return self.target_rank if self.calibrating else self.down.weight.shape[0] // self.groups
+
+    def saves_parameters(self, rank: int) -> bool:
+        """Whether factors of this rank hold fewer weights than the dense layer."""
+        m, n = self.matrix_shape
+        return rank * (m + n) < m * n
+
+    # -- recovery -----------------------------------------------------------------------------
+    def _solve(self, method: str) -> list[solvers.Factors]:
+        """Solve every group for its factors without changing the module."""
+        name = self.layer_name
+        if not self.calibrating:
+            raise RuntimeError(f"{name}: already recovered; recover_() runs once per module")
+        if method not in METHODS:
+            raise ValueError(
+                f"{name}: method must be one of {', '.join(METHODS)}\nbut got {method!r}"
+            )
+        seen = self.samples_seen
+        if seen > 0 and not all(stats.is_finite() for stats in self.stats):
+            raise ValueError(
+                f"{name}: the calibration inputs contained NaN or Inf\n"
+                f"({seen} rows seen); the layer was left unchanged"
+            )
+        if method != "svd" and seen == 0:
+            raise ValueError(
+                f"{name}: saw no calibration data; run forward passes over calibration batches\n"
+                f"before recover_(method={method!r})"
+            )
+
+        def solve_group(j: int, weight: Tensor, bias: Tensor | None, rank, energy):
+            if method == "svd":
+                moments = {}
+                if seen:
+                    moments = {"mean": self.stats[j].mean, "cov": self.stats[j].covariance}
+                return solvers.svd(weight, bias, rank, energy, **moments)
+            stats = self.stats[j]
+            return solvers.linear(
+                weight, bias, stats.mean, stats.covariance, rank, energy, add_bias=self.add_bias
+            )
+
+        matrices = self._matrices()
+        factors = [
+            solve_group(j, w, b, self.target_rank, self.energy) for j, (w, b) in enumerate(matrices)
+        ]
+        ranks = {f.rank for f in factors}
+        if len(ranks) > 1:  # energy chose different ranks per group: keep the largest everywhere
+            factors = [solve_group(j, w, b, max(ranks), None) for j, (w, b) in enumerate(matrices)]
+        return factors
+
+    def _install(self, layers: tuple[nn.Module, nn.Module]) -> None:
+        """Enter the recovered phase with prepared factor layers ``(down, up)``."""
+        self._calibration_hook.remove()
+        del self.dense
+        self.stats = None
+        self.calibrating = False
+        self.down, self.up = layers
+        self.target_rank = self.rank
+
+    def _report_row(
+        self, factors: list[solvers.Factors], method: str, seconds: float
+    ) -> LayerReport:
+        m, n = self.matrix_shape
+        rank = factors[0].rank
+        has_bias = factors[0].bias is not None
+        error = sum(f.error for f in factors)
+        variance = sum(f.variance for f in factors)
+        if math.isnan(error) or math.isnan(variance):
+            relative = math.nan
+        elif variance <= 0.0:
+            relative = 0.0 if error <= 0.0 else math.inf
+        else:
+            relative = error / variance
+        return LayerReport(
+            name=self.layer_name,
+            shape=tuple(self.dense.weight.shape),
+            rank=rank,
+            params_before=sum(p.numel() for p in self.dense.parameters()),
+            params_after=self.groups * (rank * (m + n) + (m if has_bias else 0)),
+            relative_error=relative,
+            method=method,
+            seconds=seconds,
+            note=f"rank {rank} per group, {self.groups} groups" if self.groups > 1 else "",
+        )
+
+    def recover_(self, method: str = "linear") -> LayerReport:
+        """Solve for the low-rank factors from the accumulated statistics, in place.
+
+        Args:
+            method: ``"linear"`` (the exact data-driven optimum) or ``"svd"`` (truncated SVD of
+                the weight, needs no data).
+
+        Returns:
+            the :class:`~torch_lowrank.report.LayerReport` of this layer.
+
+        Raises:
+            ValueError: no calibration data was seen (data-driven methods), the data held NaN/Inf,
+                or ``method`` is unknown. The module is then left unchanged, still calibrating.
+            RuntimeError: the module is already recovered.
+
+        Example:
+            >>> from torch_lowrank import LowRankLinear
+            >>> layer = LowRankLinear.from_linear(nn.Linear(16, 8), rank=2)
+            >>> _ = layer(torch.randn(64, 16))
+            >>> row = layer.recover_("linear")
+            >>> layer.rank, layer.calibrating
+            (2, False)
+        """
+        start = time.perf_counter()
+        factors = self._solve(method)
+        layers = self._factor_layers(factors)
+        row = self._report_row(factors, method, time.perf_counter() - start)
+        self._install(layers)
+        return row
+
+    def extra_repr(self) -> str:
+        phase = ", calibrating" if self.calibrating else ""
+        return f"{self._shape_repr()}, rank={self.rank}, bias={self.bias is not None}{phase}"
+
+    def _shape_repr(self) -> str:
+        raise NotImplementedError

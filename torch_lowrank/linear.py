@@ -1,0 +1,201 @@
+"""``LowRankLinear``: the low-rank drop-in replacement for ``nn.Linear``.
+
+State dict of a recovered ``LowRankLinear`` (the on-disk contract; the rank is the first dimension
+of ``down.weight``)::
+
+    down.weight  (r, in_features)
+    up.weight    (out_features, r)
+    up.bias      (out_features,)        only when the layer has a bias
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from . import solvers
+from .base import _LowRankBase, new_parameter, target_rank
+
+__all__ = ["LowRankLinear"]
+
+
+class LowRankLinear(_LowRankBase):
+    r"""A low-rank drop-in replacement for :class:`torch.nn.Linear`: ``y = up(down(x))``.
+
+    Build it from a trained layer with :meth:`from_linear` (calibrating phase), run calibration
+    batches through the model, then call :meth:`recover_`. The constructor builds a recovered
+    module with freshly initialised factors, e.g. to load a saved ``state_dict`` into.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        rank: inner dimension ``r`` of the factors, ``1 <= r <= min(in, out)``.
+        bias: whether ``up`` has a bias.
+
+    Shape:
+        - Input: :math:`(*, H_{in})`. Output: :math:`(*, H_{out})`, same dtype and device.
+
+    Attributes:
+        down (nn.Linear): ``in_features -> rank``, no bias.
+        up (nn.Linear): ``rank -> out_features``, with the bias.
+
+    Example:
+        >>> dense = nn.Linear(64, 32)
+        >>> layer = LowRankLinear.from_linear(dense, ratio=0.5)
+        >>> _ = layer(torch.randn(256, 64))  # calibration: output is exactly dense's
+        >>> _ = layer.recover_("linear")
+        >>> layer
+        LowRankLinear(
+          in_features=64, out_features=32, rank=10, bias=True
+          (down): Linear(in_features=64, out_features=10, bias=False)
+          (up): Linear(in_features=10, out_features=32, bias=True)
+        )
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        target_rank((out_features, in_features), rank, None, None, type(self).__name__)
+        self.in_features = in_features
+        self.out_features = out_features
+        self._start_recovered(rank, bias)
+        self.down = nn.Linear(in_features, rank, bias=False, **factory_kwargs)
+        self.up = nn.Linear(rank, out_features, bias=bias, **factory_kwargs)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the factors as :class:`torch.nn.Linear` initialises its weights."""
+        self.down.reset_parameters()
+        self.up.reset_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        rank: int | None = None,
+        ratio: float | None = None,
+        energy: float | None = None,
+        add_bias: bool = True,
+        name: str | None = None,
+    ) -> LowRankLinear:
+        """Wrap a trained ``nn.Linear`` in a calibrating ``LowRankLinear``.
+
+        Args:
+            linear: the layer; it is kept (not copied) as ``dense`` until recovery.
+            rank / ratio / energy: exactly one. ``ratio`` is the fraction of the weight's
+                parameters kept; ``energy`` the fraction of output variance kept, rank chosen at
+                recovery.
+            add_bias: give a bias-free layer a bias so the recovery can correct for the input
+                mean (the optimum); ``False`` keeps it bias-free and solves without intercept.
+            name: the layer's name in error messages and reports.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``, or ``rank`` is not an int.
+            ValueError: a bad rank / ratio / energy, naming the layer and the value.
+
+        Example:
+            >>> layer = LowRankLinear.from_linear(nn.Linear(20, 10), rank=4)
+            >>> layer.calibrating, layer.rank
+            (True, 4)
+        """
+        label = name or cls.__name__
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"{label}: from_linear expects an nn.Linear\nbut got {type(linear).__name__}"
+            )
+        shape = (linear.out_features, linear.in_features)
+        resolved = target_rank(shape, rank, ratio, energy, label)
+        module = cls(linear.in_features, linear.out_features, resolved or 1, device="meta")
+        module._start_calibration(linear, resolved, energy, add_bias, name)
+        return module
+
+    from_dense = from_linear
+
+    @classmethod
+    def matrix_shape_of(cls, linear: nn.Linear) -> tuple[int, int]:
+        """The weight of ``linear`` as a matrix: ``(out_features, in_features)``."""
+        return linear.out_features, linear.in_features
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.calibrating:
+            return self.dense(x)
+        return self.up(self.down(x))
+
+    def _shape_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def _row_chunks(self, x: Tensor) -> Iterable[Tensor]:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.layer_name}: expected input with last dimension {self.in_features}\n"
+                f"but got shape {tuple(x.shape)}"
+            )
+        return (x.reshape(-1, self.in_features),)  # (N, in): every token is a sample
+
+    def _matrices(self) -> list[tuple[Tensor, Tensor | None]]:
+        return [(self.dense.weight, self.dense.bias)]
+
+    @torch.no_grad()
+    def _factor_layers(self, factors: list[solvers.Factors]) -> tuple[nn.Module, nn.Module]:
+        (f,) = factors
+        like = self.dense.weight
+        down = nn.Linear(self.in_features, f.rank, bias=False, device="meta")
+        up = nn.Linear(f.rank, self.out_features, bias=f.bias is not None, device="meta")
+        down.weight = new_parameter(f.down, like)
+        up.weight = new_parameter(f.up, like)
+        if f.bias is not None:
+            up.bias = new_parameter(f.bias, like if self.dense.bias is None else self.dense.bias)
+        return down, up
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight ``(out, in)``: the original while calibrating, else ``up @ down``
+        (computed on every read)."""
+        if self.calibrating:
+            return self.dense.weight
+        return self.up.weight @ self.down.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias ``(out,)`` or ``None``."""
+        return self.dense.bias if self.calibrating else self.up.bias
+
+    def to_linear(self) -> nn.Linear:
+        """The equivalent dense :class:`torch.nn.Linear`.
+
+        While calibrating this is the original layer itself (same object, same parameters); once
+        recovered, a new layer holding ``up @ down`` on the same device and dtype.
+
+        Example:
+            >>> layer = LowRankLinear(8, 6, rank=2)
+            >>> x = torch.randn(3, 8)
+            >>> torch.allclose(layer.to_linear()(x), layer(x), atol=1e-6)
+            True
+        """
+        if self.calibrating:
+            return self.dense
+        w = self.up.weight
+        dense = nn.Linear(
+            self.in_features, self.out_features, bias=self.up.bias is not None, device="meta"
+        )
+        with torch.no_grad():
+            dense.weight = new_parameter(w @ self.down.weight, w)
+            if self.up.bias is not None:
+                dense.bias = new_parameter(self.up.bias, self.up.bias)
+        return dense
+
+    to_dense = to_linear
