@@ -142,7 +142,8 @@ def test_report_table_and_dict():
     data = json.loads(report.to_json())
     assert [row["name"] for row in data["layers"]][0] == "stem"
     assert data["total"]["params_after"] == report.params_after
-    assert report["stem"].shape == (64, 32) and report["stem"].method == "linear"
+    assert report["stem"].shape == (64, 32) and report["stem"].method == "relu"
+    assert report["stem"].activation == "-"  # stem feeds a residual add: linear
     assert all(0.0 <= row["relative_error"] <= 1.0 for row in data["layers"])
 
 
@@ -179,7 +180,7 @@ def test_recover_is_all_or_nothing():
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(
-        ValueError, match=r"recover_: method must be one of linear, svd\nbut got 'x'"
+        ValueError, match=r"recover_: method must be one of relu, linear, svd, nuclear\nbut got 'x'"
     ):
         tl.recover_(model, method="x")
 

@@ -22,14 +22,16 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from . import solvers
+from . import projected, solvers
+from .activations import Activation, paused, resolve_activation
 from .report import LayerReport
+from .reservoir import Reservoir
 from .stats import CovarianceStats
 
 __all__ = ["METHODS", "target_rank"]
 
-#: Recovery methods a module accepts.
-METHODS = ("linear", "svd")
+#: Recovery methods a module accepts. ``relu`` is activation-aware (whatever the activation).
+METHODS = ("relu", "linear", "svd", "nuclear")
 
 
 def _observe(module: _LowRankBase, args: tuple) -> None:
@@ -82,6 +84,23 @@ def target_rank(
     return min(r, m, n)
 
 
+def batchnorm_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as ``y = scale * x + offset`` per channel, in float64.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2).eval()
+        >>> scale, offset = batchnorm_affine(bn)
+        >>> x = torch.randn(4, 2)
+        >>> torch.allclose(x.double() * scale + offset, bn(x).double(), atol=1e-6)
+        True
+    """
+    var, mean = bn.running_var.detach().double(), bn.running_mean.detach().double()
+    gamma = torch.ones_like(var) if bn.weight is None else bn.weight.detach().double()
+    beta = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().double()
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
 def new_parameter(value: Tensor, like: Tensor) -> nn.Parameter:
     """``value`` as a parameter with the dtype, device and ``requires_grad`` of ``like``."""
     return nn.Parameter(
@@ -104,7 +123,12 @@ class _LowRankBase(nn.Module):
         energy: float | None,
         add_bias: bool,
         name: str | None,
+        samples: int = 4096,
+        activation: str | Activation | nn.Module | None = None,
     ) -> None:
+        label = name or type(self).__name__
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"{label}: samples must be an int >= 0\nbut got {samples!r}")
         for child in ("down", "up"):
             if hasattr(self, child):
                 delattr(self, child)
@@ -113,11 +137,19 @@ class _LowRankBase(nn.Module):
         self.target_rank = rank
         self.energy = energy
         self.add_bias = add_bias
-        self.layer_name = name or type(self).__name__
+        self.layer_name = label
         self.stats: list[CovarianceStats] | None = None
+        self.samples = samples
+        self.reservoirs: list[Reservoir] | None = None
+        self.activation_source = "auto" if activation == "auto" else "given"
+        self.activation = None if activation == "auto" else resolve_activation(activation, label)
+        self.folded_batchnorm: tuple = ()  # (bn,) when an eval BatchNorm follows (not a child)
         self._calibration_hook = self.register_forward_pre_hook(_observe)
 
     def _start_recovered(self, rank: int, add_bias: bool) -> None:
+        self.activation = None
+        self.activation_source = "given"
+        self.folded_batchnorm = ()
         self.calibrating = False
         self.target_rank = rank
         self.energy = None
@@ -151,11 +183,17 @@ class _LowRankBase(nn.Module):
     @torch.no_grad()
     def _accumulate(self, x: Tensor) -> None:
         n = self.matrix_shape[1]
-        for rows in self._row_chunks(x):
-            if self.stats is None:
-                self.stats = [CovarianceStats(n) for _ in range(self.groups)]
-            for j, stats in enumerate(self.stats):
-                stats.update(rows if self.groups == 1 else rows[:, j * n : (j + 1) * n])
+        with paused():  # the activation detector must not see these calls as consumers
+            for rows in self._row_chunks(x):
+                if self.stats is None:
+                    self.stats = [CovarianceStats(n) for _ in range(self.groups)]
+                    if self.samples:
+                        self.reservoirs = [Reservoir(self.samples) for _ in range(self.groups)]
+                for j, stats in enumerate(self.stats):
+                    part = rows if self.groups == 1 else rows[:, j * n : (j + 1) * n]
+                    stats.update(part)
+                    if self.reservoirs is not None:
+                        self.reservoirs[j].update(part)
 
     @property
     def samples_seen(self) -> int:
@@ -174,8 +212,34 @@ class _LowRankBase(nn.Module):
         return rank * (m + n) < m * n
 
     # -- recovery -----------------------------------------------------------------------------
-    def _solve(self, method: str) -> list[solvers.Factors]:
-        """Solve every group for its factors without changing the module."""
+    def _weights(self, fold: bool) -> list[tuple[Tensor, Tensor | None]]:
+        """Per group ``(W, b)``; with ``fold``, the following eval BatchNorm folded in."""
+        matrices = self._matrices()
+        if not (fold and self.folded_batchnorm):
+            return matrices
+        scale, offset = batchnorm_affine(self.folded_batchnorm[0])
+        m = self.matrix_shape[0]
+        folded = []
+        for j, (w, b) in enumerate(matrices):
+            s, o = scale[j * m : (j + 1) * m], offset[j * m : (j + 1) * m]
+            b = torch.zeros_like(s) if b is None else b.detach().double()
+            folded.append((w.detach().double() * s[:, None], b * s + o))
+        return folded
+
+    def effective_activation(self, fold: bool) -> Activation | None:
+        """The activation the recovery targets: the one after the layer, or after the folded
+        BatchNorm when ``fold`` (without folding, an activation behind a BatchNorm is not
+        the layer's own, so the layer is treated as linear)."""
+        if self.folded_batchnorm and not fold:
+            return None
+        return self.activation
+
+    def _solve(self, method: str, fold: bool = False, **options) -> list[solvers.Factors]:
+        """Solve every group for its factors without changing the module.
+
+        ``options`` go to the iterative solvers (``optimizer``, ``lr``, ``max_iter``, ``tol``;
+        ``lam`` for ``nuclear``).
+        """
         name = self.layer_name
         if not self.calibrating:
             raise RuntimeError(f"{name}: already recovered; recover_() runs once per module")
@@ -194,24 +258,36 @@ class _LowRankBase(nn.Module):
                 f"{name}: saw no calibration data; run forward passes over calibration batches\n"
                 f"before recover_(method={method!r})"
             )
-
-        def solve_group(j: int, weight: Tensor, bias: Tensor | None, rank, energy):
-            if method == "svd":
-                moments = {}
-                if seen:
-                    moments = {"mean": self.stats[j].mean, "cov": self.stats[j].covariance}
-                return solvers.svd(weight, bias, rank, energy, **moments)
-            stats = self.stats[j]
-            return solvers.linear(
-                weight, bias, stats.mean, stats.covariance, rank, energy, add_bias=self.add_bias
+        activation = self.effective_activation(fold)
+        aware = method in ("relu", "nuclear") and activation is not None
+        if aware and self.reservoirs is None:
+            raise ValueError(
+                f"{name}: method={method!r} needs sample rows, but the layer keeps none\n"
+                f"(samples=0); convert with samples > 0 or use method='linear'"
             )
 
-        matrices = self._matrices()
+        def solve_group(j: int, weight: Tensor, bias: Tensor | None, rank, energy):
+            stats = self.stats[j] if seen else None
+            if method == "svd":
+                moments = {} if stats is None else {"mean": stats.mean, "cov": stats.covariance}
+                return solvers.svd(weight, bias, rank, energy, **moments)
+            start = solvers.linear(
+                weight, bias, stats.mean, stats.covariance, rank, energy, add_bias=self.add_bias
+            )
+            if not aware:
+                return start
+            rows = self.reservoirs[j].rows
+            if method == "nuclear":
+                return projected.nuclear(weight, bias, rows, start, **options)
+            spec = activation.name if activation.name in projected.ACTIVATIONS else activation.fn
+            return projected.activation_aware(weight, bias, rows, start, spec, **options)
+
+        matrices = self._weights(fold)
         factors = [
             solve_group(j, w, b, self.target_rank, self.energy) for j, (w, b) in enumerate(matrices)
         ]
         ranks = {f.rank for f in factors}
-        if len(ranks) > 1:  # energy chose different ranks per group: keep the largest everywhere
+        if len(ranks) > 1:  # different ranks per group (energy, nuclear): keep the largest
             factors = [solve_group(j, w, b, max(ranks), None) for j, (w, b) in enumerate(matrices)]
         return factors
 
@@ -220,12 +296,13 @@ class _LowRankBase(nn.Module):
         self._calibration_hook.remove()
         del self.dense
         self.stats = None
+        self.reservoirs = None
         self.calibrating = False
         self.down, self.up = layers
         self.target_rank = self.rank
 
     def _report_row(
-        self, factors: list[solvers.Factors], method: str, seconds: float
+        self, factors: list[solvers.Factors], method: str, seconds: float, fold: bool = False
     ) -> LayerReport:
         m, n = self.matrix_shape
         rank = factors[0].rank
@@ -238,6 +315,14 @@ class _LowRankBase(nn.Module):
             relative = 0.0 if error <= 0.0 else math.inf
         else:
             relative = error / variance
+        activation = self.effective_activation(fold)
+        notes = []
+        if self.groups > 1:
+            notes.append(f"rank {rank} per group, {self.groups} groups")
+        if fold and self.folded_batchnorm:
+            notes.append("BatchNorm folded in")
+        if "iterations" in factors[0].info:
+            notes.append(f"{max(f.info['iterations'] for f in factors)} iterations")
         return LayerReport(
             name=self.layer_name,
             shape=tuple(self.dense.weight.shape),
@@ -247,15 +332,21 @@ class _LowRankBase(nn.Module):
             relative_error=relative,
             method=method,
             seconds=seconds,
-            note=f"rank {rank} per group, {self.groups} groups" if self.groups > 1 else "",
+            note=", ".join(notes),
+            activation=activation.name if activation is not None else "-",
         )
 
-    def recover_(self, method: str = "linear") -> LayerReport:
+    def recover_(self, method: str = "relu", **options) -> LayerReport:
         """Solve for the low-rank factors from the accumulated statistics, in place.
 
         Args:
-            method: ``"linear"`` (the exact data-driven optimum) or ``"svd"`` (truncated SVD of
-                the weight, needs no data).
+            method: ``"relu"`` (activation-aware: the layer's activation objective by projected
+                gradient from the ``linear`` start; plain ``linear`` when no activation follows),
+                ``"linear"`` (the exact data-driven optimum of the pre-activations), ``"svd"``
+                (truncated SVD of the weight, needs no data) or ``"nuclear"`` (nuclear-norm
+                relaxation of the ReLU objective).
+            **options: for the iterative methods: ``optimizer`` (a ``torch.optim`` or
+                ``torch_optimizer`` class), ``lr``, ``max_iter``, ``tol``; ``lam`` for nuclear.
 
         Returns:
             the :class:`~torch_lowrank.report.LayerReport` of this layer.
@@ -274,7 +365,7 @@ class _LowRankBase(nn.Module):
             (2, False)
         """
         start = time.perf_counter()
-        factors = self._solve(method)
+        factors = self._solve(method, **options)
         layers = self._factor_layers(factors)
         row = self._report_row(factors, method, time.perf_counter() - start)
         self._install(layers)

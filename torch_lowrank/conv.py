@@ -134,6 +134,8 @@ class _LowRankConv(_LowRankBase):
         energy: float | None = None,
         add_bias: bool = True,
         name: str | None = None,
+        samples: int = 4096,
+        activation: str | nn.Module | None = None,
     ) -> _LowRankConv:
         """Wrap a trained conv in a calibrating low-rank module (see ``from_conv2d``)."""
         label = name or cls.__name__
@@ -147,7 +149,7 @@ class _LowRankConv(_LowRankBase):
             conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
             device="meta",
         )  # fmt: skip
-        module._start_calibration(conv, resolved, energy, add_bias, name)
+        module._start_calibration(conv, resolved, energy, add_bias, name, samples, activation)
         return module
 
     @property

@@ -24,6 +24,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
+from .activations import FirstForwardDetector, static_activations
 from .base import METHODS, _LowRankBase, target_rank
 from .conv import LowRankConv1d, LowRankConv2d
 from .linear import LowRankLinear
@@ -40,6 +41,8 @@ _REPLACEMENTS = ((nn.Linear, LowRankLinear), (nn.Conv2d, LowRankConv2d), (nn.Con
 
 # Layers convert() left dense, per model, so that recover_() can list them with the reason.
 _SKIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The activation detector waiting for a model's first forward.
+_DETECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _patterns(spec: Filter) -> list[str]:
@@ -84,6 +87,9 @@ def convert(
     include: Filter = None,
     exclude: Filter = None,
     add_bias: bool = True,
+    samples: int = 4096,
+    activation: Any = "auto",
+    fold_batchnorm: bool = True,
 ) -> nn.Module:
     """Swap every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` whose factorisation saves
     parameters for a calibrating low-rank module (:class:`~torch_lowrank.LowRankLinear`,
@@ -103,6 +109,16 @@ def convert(
             matching layers are converted.
         exclude: the same; matching layers stay dense.
         add_bias: see :meth:`LowRankLinear.from_linear`.
+        samples: rows each layer keeps in a uniform random reservoir for the activation-aware
+            methods (per group); 0 keeps none.
+        activation: the elementwise activation after each layer. ``"auto"`` (default) observes
+            it during the first calibration forward (see :mod:`torch_lowrank.activations`);
+            ``None``: every layer is linear; a name (``"relu"``, ``"gelu"``, ...) or module
+            (``nn.GELU()``): the same for all; a dict from layer name to any of these (layers not
+            in it are observed).
+        fold_batchnorm: when an eval-mode BatchNorm sits between a layer and its activation,
+            fold it into the layer at recovery (exact; the BatchNorm becomes ``nn.Identity``),
+            so the activation-aware objective sees the layer's own output.
 
     Returns:
         ``model`` (a low-rank module when ``model`` itself is a single layer). Layers already
@@ -160,7 +176,16 @@ def convert(
         if smallest * (m + n) >= m * n:
             skipped.append(_dense_row(name, module, f"rank {smallest} saves no parameters"))
             continue
-        new = low_rank.from_dense(module, rank=r, energy=energy, add_bias=add_bias, name=name)
+        spec = activation.get(name, "auto") if isinstance(activation, Mapping) else activation
+        new = low_rank.from_dense(
+            module,
+            rank=r,
+            energy=energy,
+            add_bias=add_bias,
+            name=name,
+            samples=samples,
+            activation=spec,
+        )
         swapped[module] = new
         if name:
             _replace(model, name, new)
@@ -172,7 +197,44 @@ def convert(
     for row in skipped:
         logger.info("convert: %s stays dense (%s)", row.name, row.note)
     _SKIPPED[root] = skipped
+    pending = {m: names[0] for m, names in _low_rank_modules(root).items() if _pending(m)}
+    if pending and not isinstance(root, _LowRankBase):
+        if root in _DETECTORS:
+            _DETECTORS[root].remove()
+        _DETECTORS[root] = FirstForwardDetector(root, pending, fold=fold_batchnorm)
     return root
+
+
+def _pending(module: _LowRankBase) -> bool:
+    return module.calibrating and module.activation_source == "auto"
+
+
+def _settle_activations(model: nn.Module, found: dict[nn.Module, list[str]]) -> None:
+    """Give every layer whose activation was not observed the static answer (Sequential / fx),
+    and log where observation and the static answer disagree."""
+    detector = _DETECTORS.pop(model, None)
+    if detector is not None:
+        detector.remove()
+    names = {names[0]: module for module, names in found.items()}
+    static = static_activations(model, list(names), leaf=lambda m: isinstance(m, _LowRankBase))
+    for name, module in names.items():
+        if name not in static:
+            if _pending(module):
+                module.activation_source = "none"
+            continue
+        guess = static[name]
+        if _pending(module):
+            module.activation, module.activation_source = guess, "static"
+        elif module.activation_source == "observed" and not module.folded_batchnorm:
+            seen = module.activation.name if module.activation else None
+            if seen != (guess.name if guess else None):
+                logger.warning(
+                    "%s: observed activation %s, static analysis says %s; using %s",
+                    name,
+                    seen,
+                    guess.name if guess else None,
+                    seen,
+                )
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -226,17 +288,22 @@ def calibrate(
     return count
 
 
-def recover_(model: nn.Module, *, method: str = "linear") -> Report:
+def recover_(model: nn.Module, *, method: str = "relu", **options: Any) -> Report:
     """Recover every calibrating low-rank module of ``model``, all or nothing.
 
     Every layer is solved first; only when all solves succeed are the factors written. A
     module that saw no calibration data goes back to its original dense layer (with a warning),
     as does a layer whose energy-chosen rank would save nothing. Layers ``convert`` left dense are
-    listed too.
+    listed too. An eval BatchNorm found between a layer and its activation is folded into the
+    layer and replaced by ``nn.Identity``.
 
     Args:
         model: a model prepared by :func:`convert` and run on calibration data.
-        method: ``"linear"`` (exact data-driven optimum) or ``"svd"`` (weights only).
+        method: ``"relu"`` (default: activation-aware for layers followed by an activation,
+            ``linear`` for the others), ``"linear"`` (exact optimum of the pre-activations),
+            ``"svd"`` (weights only) or ``"nuclear"``. See the README for when to use which.
+        **options: passed to the iterative solvers: ``optimizer`` (a ``torch.optim`` or
+            ``torch_optimizer`` class), ``lr``, ``max_iter``, ``tol``; ``lam`` for nuclear.
 
     Returns:
         a :class:`~torch_lowrank.report.Report` with one row per layer.
@@ -261,6 +328,10 @@ def recover_(model: nn.Module, *, method: str = "linear") -> Report:
             "recover_: the model has no calibrating low-rank module; call convert() first",
             stacklevel=2,
         )
+    _settle_activations(model, found)
+    all_names: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        all_names.setdefault(module, []).append(name)
 
     # Phase 1: solve everything; nothing in the model changes here.
     plans: dict[nn.Module, tuple] = {}
@@ -269,13 +340,14 @@ def recover_(model: nn.Module, *, method: str = "linear") -> Report:
             plans[module] = ("dense", "saw no calibration data")
             continue
         start = time.perf_counter()
-        factors = module._solve(method)
+        fold = bool(module.folded_batchnorm) and module.folded_batchnorm[0] in all_names
+        factors = module._solve(method, fold=fold, **options)
         rank = factors[0].rank
         if not module.saves_parameters(rank):
             plans[module] = ("dense", f"rank {rank} for energy={module.energy} saves nothing")
             continue
         layers = module._factor_layers(factors)
-        plans[module] = ("factors", factors, layers, time.perf_counter() - start)
+        plans[module] = ("factors", factors, layers, time.perf_counter() - start, fold)
 
     # Phase 2: write back (attribute assignments only).
     rows: dict[nn.Module, LayerReport] = {}
@@ -289,8 +361,11 @@ def recover_(model: nn.Module, *, method: str = "linear") -> Report:
                 if name:
                     _replace(model, name, dense)
             continue
-        _, factors, layers, seconds = plan
-        rows[module] = module._report_row(factors, method, seconds)
+        _, factors, layers, seconds, fold = plan
+        rows[module] = module._report_row(factors, method, seconds, fold)
+        if fold:
+            for name in all_names[module.folded_batchnorm[0]]:
+                _replace(model, name, nn.Identity())
         module._install(layers)
 
     by_name = {row.name: row for row in _SKIPPED.get(model, [])}
@@ -307,8 +382,9 @@ def compress(
     model: nn.Module,
     data: Iterable[Any],
     *,
-    method: str = "linear",
+    method: str = "relu",
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    options: dict | None = None,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, Report]:
     """Convert, calibrate on ``data`` and recover, in one call.
@@ -316,11 +392,13 @@ def compress(
     Args:
         model: the trained model (changed in place).
         data: an iterable of calibration batches (see :func:`default_forward`); iterated once.
-        method: the recovery method.
+        method: the recovery method (see :func:`recover_`).
         forward_fn: ``forward_fn(model, batch)`` runs one batch; defaults to
             :func:`default_forward`.
+        options: solver options passed to :func:`recover_` (``optimizer``, ``lr``, ...).
         **convert_kwargs: ``rank`` / ``ratio`` / ``energy``, ``include``, ``exclude``,
-            ``add_bias``, passed to :func:`convert`.
+            ``add_bias``, ``samples``, ``activation``, ``fold_batchnorm``, passed to
+            :func:`convert`.
 
     Returns:
         ``(model, report)``.
@@ -334,4 +412,4 @@ def compress(
     """
     model = convert(model, **convert_kwargs)
     calibrate(model, data, forward_fn)
-    return model, recover_(model, method=method)
+    return model, recover_(model, method=method, **(options or {}))

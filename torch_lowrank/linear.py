@@ -87,6 +87,8 @@ class LowRankLinear(_LowRankBase):
         energy: float | None = None,
         add_bias: bool = True,
         name: str | None = None,
+        samples: int = 4096,
+        activation: str | nn.Module | None = None,
     ) -> LowRankLinear:
         """Wrap a trained ``nn.Linear`` in a calibrating ``LowRankLinear``.
 
@@ -98,6 +100,10 @@ class LowRankLinear(_LowRankBase):
             add_bias: give a bias-free layer a bias so the recovery can correct for the input
                 mean (the optimum); ``False`` keeps it bias-free and solves without intercept.
             name: the layer's name in error messages and reports.
+            samples: how many input rows to keep in a uniform random reservoir for the
+                activation-aware methods (0: none).
+            activation: the elementwise activation that follows the layer (a name such as
+                ``"relu"`` / ``"gelu"``, or a module such as ``nn.ReLU()``); ``None``: linear.
 
         Raises:
             TypeError: ``linear`` is not an ``nn.Linear``, or ``rank`` is not an int.
@@ -116,7 +122,7 @@ class LowRankLinear(_LowRankBase):
         shape = (linear.out_features, linear.in_features)
         resolved = target_rank(shape, rank, ratio, energy, label)
         module = cls(linear.in_features, linear.out_features, resolved or 1, device="meta")
-        module._start_calibration(linear, resolved, energy, add_bias, name)
+        module._start_calibration(linear, resolved, energy, add_bias, name, samples, activation)
         return module
 
     from_dense = from_linear

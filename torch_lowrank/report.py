@@ -23,6 +23,7 @@ class LayerReport:
         method: the recovery method, or ``"dense"`` for layers left dense.
         seconds: wall time of the solve.
         note: why a layer stayed dense, or anything else worth saying.
+        activation: the activation the recovery targeted (``"-"``: none, the layer is linear).
     """
 
     name: str
@@ -34,6 +35,7 @@ class LayerReport:
     method: str
     seconds: float
     note: str = ""
+    activation: str = "-"
 
 
 @dataclass
@@ -94,7 +96,18 @@ class Report:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
-        header = ("layer", "shape", "rank", "params", "kept", "rel. error", "method", "s", "note")
+        header = (
+            "layer",
+            "shape",
+            "rank",
+            "params",
+            "kept",
+            "rel. error",
+            "act",
+            "method",
+            "s",
+            "note",
+        )
         rows = [header]
         for r in self.layers:
             kept = r.params_after / r.params_before if r.params_before else 1.0
@@ -107,6 +120,7 @@ class Report:
                     f"{r.params_after:,}",
                     f"{kept:.2f}",
                     err,
+                    r.activation,
                     r.method,
                     f"{r.seconds:.3f}",
                     r.note,
@@ -120,6 +134,7 @@ class Report:
                 "",
                 f"{self.params_after:,}",
                 f"{total_kept:.2f}",
+                "",
                 "",
                 "",
                 f"{self.seconds:.3f}",

@@ -1,0 +1,436 @@
+"""Activation-aware low-rank recovery by projected gradient, and its nuclear-norm variant.
+
+DESIGN section 2 (``relu``, ``nuclear``); Zhang & Saab, arXiv 2502.02766, Theorem 3. A layer
+``y = W x + b`` followed by an activation becomes ``a = Z x + c``, ``rank Z <= r``, fitted on
+sample rows ``x`` (a :class:`~torch_lowrank.reservoir.Reservoir`) with targets ``t = act(y)``:
+
+* ``"relu"``: the convex objective of Theorem 3; ``a`` must match ``y`` where ``t > 0`` and only
+  stay ``<= 0`` where ``t = 0``. It upper-bounds the post-activation error::
+
+      f(Z, c) = (1/N) [ sum_{t_ij > 0} (a_ij - y_ij)^2 + sum_{t_ij = 0} max(0, a_ij)^2 ]
+
+* any other activation: ``f = (1/N) || act(a) - t ||_F^2`` (not convex; same loop).
+
+:func:`activation_aware` starts from the ``linear`` optimum and alternates a gradient step of size
+``1/L`` (``L`` = twice the top eigenvalue of ``(1/N) [X, 1]^T [X, 1]`` times the activation's
+squared maximal slope; doubled whenever a step would increase ``f``) with a projection on rank
+``<= r`` by one subspace-iteration step warm-started from the previous left factor,
+``U <- orth(Z Z^T U)``, ``Z <- U U^T Z``: ``O(m n r)`` instead of a full SVD, and never farther
+from ``Z`` than the previous subspace, so every accepted step descends. A ``torch.optim``-style
+optimizer may replace the plain step. :func:`nuclear` minimises ``f + lam ||Z||_*`` by proximal
+gradient, with ``lam`` given or bisected for a rank. The best iterate is kept: nothing returned
+is worse than its start or NaN. All work is in float64 on the weight's device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .solvers import Factors
+
+__all__ = ["ACTIVATIONS", "activation_aware", "nuclear", "objective"]
+
+#: The activations known by name; ``"relu"`` selects the convex objective of Theorem 3.
+ACTIVATIONS = ("relu", "leaky_relu", "relu6", "gelu", "silu", "tanh")
+
+Activation = Union[str, Callable[[Tensor], Tensor]]
+
+_WINDOW = 10  # stop when the best objective improved by < tol (relative) over this many steps
+_BACKTRACKS = 30  # at most this many doublings of L for one step
+
+
+_LEAKY = functools.partial(F.leaky_relu, negative_slope=0.01)
+_FUNCTIONS = dict(zip(ACTIVATIONS, (torch.relu, _LEAKY, F.relu6, F.gelu, F.silu, torch.tanh)))
+
+
+def _resolve(activation: Activation) -> tuple[str, Callable[[Tensor], Tensor]]:
+    if isinstance(activation, str) and activation in _FUNCTIONS:
+        return activation, _FUNCTIONS[activation]
+    if not isinstance(activation, str) and callable(activation):
+        return getattr(activation, "__name__", type(activation).__name__), activation
+    raise ValueError(
+        f"expected an activation in {ACTIVATIONS} or an elementwise callable\n"
+        f"but got {activation!r}"
+    )
+
+
+def _max_slope(function: Callable[[Tensor], Tensor]) -> float:
+    """``max |function'|`` on ``[-8, 8]`` (1.13 for GELU, 1.10 for SiLU), at least 1."""
+    with torch.enable_grad():
+        grid = torch.linspace(-8.0, 8.0, 3201, dtype=torch.float64, requires_grad=True)
+        (slope,) = torch.autograd.grad(function(grid).sum(), grid)
+    return max(1.0, float(slope.abs().max()))
+
+
+def _top_eigenvalue(X: Tensor, iterations: int = 50) -> float:
+    """Top eigenvalue of ``(1/N) [X, 1]^T [X, 1]`` by power iteration (from a fixed start)."""
+    N, n = X.shape
+    gen = torch.Generator(device=X.device).manual_seed(0)
+    v = torch.randn(n + 1, generator=gen, dtype=X.dtype, device=X.device)
+    v = v / v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        u = X @ v[:n] + v[n]  # (N,)
+        w = torch.cat([X.T @ u, u.sum().reshape(1)]) / N  # (n + 1,)
+        value = float(w.norm())
+        if value == 0.0:
+            break
+        v = w / value
+    return value
+
+
+def _check_shape(name: str, tensor: Tensor | None, shape: tuple, text: str) -> None:
+    """Raise unless ``tensor`` has ``shape``; ``None`` (an absent optional tensor) passes."""
+    if tensor is not None and tuple(tensor.shape) != shape:
+        raise ValueError(f"expected {name} of shape {text}\nbut got shape {tuple(tensor.shape)}")
+
+
+class _Problem:
+    """The data of one layer: rows, targets and the objective with its gradient."""
+
+    def __init__(self, weight, bias, rows, target_rows, activation) -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"expected a weight (m, n)\nbut got shape {tuple(weight.shape)}")
+        W = weight.detach().to(torch.float64)
+        (m, n), device = W.shape, W.device
+        _check_shape("bias", bias, (m,), f"({m},)")
+        if rows.dim() != 2 or rows.shape[1] != n or rows.shape[0] < 1:
+            raise ValueError(
+                f"expected rows of shape (N, {n}) with N >= 1\nbut got shape {tuple(rows.shape)}"
+            )
+        _check_shape("target_rows", target_rows, tuple(rows.shape), str(tuple(rows.shape)))
+        self.X = rows.detach().to(device=device, dtype=torch.float64)  # (N, n)
+        Xt = self.X if target_rows is None else target_rows.detach().to(self.X)
+        for name, x in (("rows", self.X), ("target_rows", Xt)):
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                raise ValueError(f"expected finite {name}\nbut got {bad} non-finite entries")
+        self.name, self.act = _resolve(activation)
+        self.convex = isinstance(activation, str) and activation == "relu"
+        y = Xt @ W.T  # (N, m) target pre-activations
+        if bias is not None:
+            y = y + bias.detach().to(y)
+        t = self.act(y)  # (N, m) targets
+        self.shape, self.N = (m, n), self.X.shape[0]
+        self.variance = float(t.var(0, correction=0).sum())
+        self.t, self.y, self.positive = (None, y, t > 0) if self.convex else (t, None, None)
+        self._L: float | None = None
+
+    @property
+    def lipschitz(self) -> float:
+        if self._L is None:
+            slope = 1.0 if self.convex else _max_slope(self.act)
+            self._L = max(2.0 * _top_eigenvalue(self.X) * slope**2, 1e-300)
+        return self._L
+
+    def start(self, factors: Factors) -> tuple[Tensor, Tensor, Tensor]:
+        (m, n), r = self.shape, factors.down.shape[0]
+        _check_shape("start.up", factors.up, (m, r), f"({m}, r)")
+        _check_shape("start.down", factors.down, (r, n), f"(r, {n})")
+        _check_shape("start.bias", factors.bias, (m,), f"({m},)")
+        up, down = (t.detach().to(self.X) for t in (factors.up, factors.down))
+        c = torch.zeros(m).to(self.X) if factors.bias is None else factors.bias.detach().to(up)
+        if r and float((up.T @ up - torch.eye(r).to(up)).abs().max()) > 1e-10:
+            Q, R = torch.linalg.qr(up)  # the same product, with orthonormal columns
+            up, down = Q, R @ down
+        return up, down, c
+
+    def release_dead(self, up: Tensor, down: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ReLU only: a unit with ``t_ij = 0`` on every row is satisfied by any ``a <= 0``: zero
+        its row of ``Z``, set ``c_j`` to its mean pre-activation. Frees the rank ``linear`` spends
+        on dead units (where ``f`` is flat, so gradient steps barely move), never increases ``f``
+        or ``||Z||_*`` (removing rows does not grow singular values)."""
+        if not self.convex:
+            return up, down, c
+        dead = ~self.positive.any(0)  # (m,)
+        if not dead.any():
+            return up, down, c
+        Q, R = torch.linalg.qr(up * ~dead[:, None])  # Z' = (M up) down = Q (R down)
+        return Q, R @ down, torch.where(dead, self.y.mean(0), c)
+
+    def _residual(self, a: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
+        """The residual ``R`` with ``f = ||R||^2 / N``, and ``df/da`` when ``grad``."""
+        if self.convex:
+            R = torch.where(self.positive, a - self.y, a.clamp_min(0.0))
+            return R, (2.0 / self.N) * R if grad else None
+        if not grad:
+            return self.act(a) - self.t, None
+        with torch.enable_grad():
+            a = a.detach().requires_grad_(True)
+            out = self.act(a)
+            R = out.detach() - self.t
+            (da,) = torch.autograd.grad(out, a, grad_outputs=(2.0 / self.N) * R)
+        return R, da
+
+    def value(self, up: Tensor, down: Tensor, c: Tensor) -> float:
+        R, _ = self._residual((self.X @ down.T) @ up.T + c, grad=False)
+        return float(R.square().sum()) / self.N
+
+    def value_and_grad(self, up, down, c) -> tuple[float, Tensor, Tensor]:
+        """``f`` at ``(Z = up down, c)`` with its gradients ``(m, n)`` and ``(m,)``."""
+        R, da = self._residual((self.X @ down.T) @ up.T + c, grad=True)  # (N, m)
+        return float(R.square().sum()) / self.N, da.T @ self.X, da.sum(0)
+
+
+def _project(Z: Tensor, U: Tensor, step: float | None = None) -> tuple[Tensor, Tensor]:
+    """Rank-r projection of ``Z`` (m, n) by one subspace-iteration step from ``U`` (m, r)."""
+    U = torch.linalg.qr(Z @ (Z.T @ U)).Q  # (m, r), orthonormal even when rank-deficient
+    return U, U.T @ Z
+
+
+def _shrink(Z: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """The proximal map of ``threshold ||.||_*``: soft-threshold the singular values."""
+    U, s, Vh = torch.linalg.svd(Z, full_matrices=False)
+    s = (s - threshold).clamp_min(0.0)
+    k = int((s > 0).sum())
+    return U[:, :k], s[:k, None] * Vh[:k]
+
+
+def _minimise(problem, state, prox, penalty, max_iter, tol, optimizer=None, lr=None):
+    """Minimise ``f + penalty`` from ``state = (up, down, c)``; returns the best iterate.
+
+    Default step: gradient step of size ``1/L`` then ``prox``, with ``L`` doubled until the step
+    does not increase the objective (monotone). With ``optimizer``: its step, then ``prox``.
+    Returns ``(best, iterations)`` with ``best = (value, data_term, up, down, c)``.
+    """
+    up, down, c = state
+    f, gZ, gc = problem.value_and_grad(up, down, c)
+    current = f + penalty(down)
+    best, history, iterations = (current, f, up, down, c), [current], 0
+    if not math.isfinite(current):
+        return best, 0
+    if optimizer is not None:
+        Z = (up @ down).clone().requires_grad_(True)
+        bias = c.clone().requires_grad_(True)
+        opt = optimizer([Z, bias], lr=lr)
+    L = problem.lipschitz
+    for _ in range(max_iter):
+        if optimizer is None:
+            Z0 = up @ down
+            for _ in range(_BACKTRACKS):
+                new_up, new_down = prox(Z0 - gZ / L, up, 1.0 / L)
+                new_c = c - gc / L
+                new_f, new_gZ, new_gc = problem.value_and_grad(new_up, new_down, new_c)
+                value = new_f + penalty(new_down)
+                if not value > current or value - current <= 1e-13 * abs(current):
+                    break  # accepted, non-finite, or equal up to rounding
+                L *= 2.0
+            if not value <= current:
+                break
+        else:
+            Z.grad, bias.grad = gZ, gc
+            opt.step()
+            if not (torch.isfinite(Z).all() and torch.isfinite(bias).all()):
+                break
+            with torch.no_grad():
+                new_up, new_down = prox(Z, up, None)
+                Z.copy_(new_up @ new_down)
+            new_c = bias.detach().clone()
+            new_f, new_gZ, new_gc = problem.value_and_grad(new_up, new_down, new_c)
+            value = new_f + penalty(new_down)
+        if not math.isfinite(value):
+            break
+        iterations += 1
+        up, down, c, gZ, gc, current = new_up, new_down, new_c, new_gZ, new_gc, value
+        if current < best[0]:
+            best = (current, new_f, up, down, c)
+        history.append(best[0])
+        if best[0] <= 0.0 or (
+            len(history) > _WINDOW
+            and history[-1 - _WINDOW] - best[0] <= tol * abs(history[-1 - _WINDOW])
+        ):
+            break
+    return best, iterations
+
+
+def _result(problem, start, best, before, iterations, info) -> Factors:
+    """``before = (objective, data term)`` at ``start``, which comes back if nothing improved."""
+    value, data, up, down, c = best
+    if not value < before[0]:
+        (value, data), (up, down, c) = before, problem.start(start)
+    if down.shape[0] == 0:  # everything was thresholded away: keep one (zero) direction
+        up = torch.eye(problem.shape[0], 1).to(problem.X)
+        down = torch.zeros(1, problem.shape[1]).to(problem.X)
+    info = {
+        "iterations": iterations,
+        "objective_before": before[0],
+        "objective_after": value,
+        **info,
+    }
+    return Factors(up, down, c, data, problem.variance, start.spectrum, info)
+
+
+def objective(
+    weight: Tensor,
+    bias: Tensor | None,
+    rows: Tensor,
+    factors: Factors,
+    activation: Activation,
+    target_rows: Tensor | None = None,
+) -> float:
+    """The activation-aware objective ``f`` of ``factors`` on ``rows`` (see the module notes).
+
+    For ``"relu"`` it is the convex objective of Theorem 3, an upper bound of the post-activation
+    error; for every other activation the mean squared post-activation error. A factor without
+    bias counts as ``c = 0``.
+
+    Example:
+        >>> from torch_lowrank import solvers
+        >>> w, x = torch.randn(6, 4, dtype=torch.float64), torch.randn(50, 4, dtype=torch.float64)
+        >>> full = solvers.svd(w, None, rank=4)
+        >>> objective(w, None, x, full, "gelu") < 1e-20
+        True
+    """
+    problem = _Problem(weight, bias, rows, target_rows, activation)
+    return problem.value(*problem.start(factors))
+
+
+def activation_aware(
+    weight: Tensor,
+    bias: Tensor | None,
+    rows: Tensor,
+    start: Factors,
+    activation: Activation,
+    *,
+    target_rows: Tensor | None = None,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    lr: float | None = None,
+) -> Factors:
+    r"""Activation-aware recovery at the rank of ``start``, by projected gradient.
+
+    Minimises the objective ``f(Z, c)`` of the module notes over ``rank Z <= r`` and a free bias
+    ``c`` from ``start``. The best iterate is returned, never worse than ``start`` on ``f``
+    (``start`` itself comes back when nothing improves). Stops when the best objective improved
+    by less than ``tol`` (relative) over 10 iterations, at ``max_iter``, or on a non-finite
+    iterate. For ``"relu"``, units inactive on every row first get ``Z_j = 0`` and ``c_j`` = their
+    mean pre-activation: exact (``f`` cannot grow), and it frees the rank ``linear`` spent there.
+
+    Args:
+        weight: ``(m, n)`` dense weight. bias: ``(m,)`` or ``None``.
+        rows: ``(N, n)`` the inputs the low-rank layer will see (e.g. a reservoir's rows).
+        start: the starting factors (from :func:`torch_lowrank.solvers.linear`); rank kept.
+        activation: one of :data:`ACTIVATIONS` (``"leaky_relu"``: slope 0.01) or an elementwise
+            callable (always with the non-convex objective).
+        target_rows: ``(N, n)`` the inputs producing the targets (corrective recovery: the
+            original network's inputs; ``rows`` come from the compressed one). Default ``rows``.
+        max_iter: iteration cap. tol: relative-improvement stopping threshold.
+        optimizer: replaces the plain step: a ``torch.optim`` or ``torch_optimizer`` class, or
+            any callable ``(params, lr=lr) -> Optimizer``, built on ``[Z, c]``; the rank
+            projection follows every step. lr: its learning rate, required with ``optimizer``.
+
+    Returns:
+        :class:`~torch_lowrank.solvers.Factors`, float64: ``up`` ``(m, r)`` orthonormal,
+        ``down`` ``(r, n)``, ``bias`` ``(m,)``; ``error`` = ``f`` on ``rows``; ``variance`` =
+        ``E || t - E t ||^2``; ``spectrum`` = ``start.spectrum``; ``info`` with ``iterations``,
+        ``objective_before``, ``objective_after``, ``activation``.
+
+    Raises:
+        ValueError: inconsistent shapes, non-finite rows, unknown activation, no ``lr``.
+
+    Example:
+        >>> from torch_lowrank import solvers
+        >>> _ = torch.manual_seed(0)
+        >>> w, x = torch.randn(16, 8, dtype=torch.float64), torch.randn(256, 8, dtype=torch.float64)
+        >>> start = solvers.linear(w, None, x.mean(0), torch.cov(x.T, correction=0), rank=2)
+        >>> fit = activation_aware(w, None, x, start, "relu")
+        >>> fit.rank, fit.info["objective_after"] < fit.info["objective_before"]
+        (2, True)
+    """
+    if optimizer is not None and lr is None:
+        raise ValueError("expected a learning rate lr with an optimizer\nbut got lr=None")
+    if max_iter < 0 or not tol >= 0:
+        raise ValueError(f"expected max_iter >= 0 and tol >= 0\nbut got {max_iter}, {tol}")
+    problem = _Problem(weight, bias, rows, target_rows, activation)
+    state = problem.start(start)
+    before = problem.value(*state)
+    zero = lambda down: 0.0  # noqa: E731
+    best, k = _minimise(
+        problem, problem.release_dead(*state), _project, zero, max_iter, tol, optimizer, lr
+    )
+    return _result(problem, start, best, (before, before), k, {"activation": problem.name})
+
+
+def nuclear(
+    weight: Tensor,
+    bias: Tensor | None,
+    rows: Tensor,
+    start: Factors,
+    *,
+    lam: float | None = None,
+    rank: int | None = None,
+    target_rows: Tensor | None = None,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+) -> Factors:
+    r"""ReLU-aware recovery with a nuclear-norm penalty: minimises ``f_relu + lam ||Z||_*``.
+
+    Proximal gradient (step ``1/L``, singular-value soft thresholding, one SVD per iteration)
+    from ``start``; the rank falls out of ``lam``. Give ``lam``, or ``rank`` (default: the rank
+    of ``start``) and ``lam`` is found by bisection (on a log scale, about 13 solves) as nearly
+    the smallest one whose solution has rank ``<= rank``. The best iterate for the final ``lam``
+    is returned; it is never worse than ``start`` on ``f_relu + lam ||Z||_*``.
+
+    Args: as :func:`activation_aware`, and ``lam >= 0`` or ``rank`` in ``[1, min(m, n)]``.
+
+    Returns:
+        :class:`~torch_lowrank.solvers.Factors` as :func:`activation_aware`; ``up`` ``(m, k)``,
+        ``k`` >= 1 the solution's rank; ``error`` = ``f_relu`` without the penalty;
+        ``info["objective_before" / "objective_after"]`` penalised; ``info["lam"]``.
+
+    Example:
+        >>> from torch_lowrank import solvers
+        >>> _ = torch.manual_seed(0)
+        >>> w, x = torch.randn(12, 8, dtype=torch.float64), torch.randn(200, 8, dtype=torch.float64)
+        >>> start = solvers.linear(w, None, x.mean(0), torch.cov(x.T, correction=0), rank=6)
+        >>> fit = nuclear(w, None, x, start, rank=3)
+        >>> fit.rank <= 3, fit.info["lam"] > 0
+        (True, True)
+    """
+    problem = _Problem(weight, bias, rows, target_rows, "relu")
+    if lam is not None and rank is not None:
+        raise ValueError("expected at most one of lam or rank\nbut got both")
+    if lam is not None and not lam >= 0:
+        raise ValueError(f"expected lam >= 0\nbut got {lam}")
+    state = problem.start(start)
+    f_start = problem.value(*state)
+    norm_start = float(torch.linalg.svdvals(state[0] @ state[1]).sum())  # ||Z_start||_*
+    released = problem.release_dead(*state)
+
+    def solve(weight_: float) -> Factors:
+        best, iterations = _minimise(
+            problem,
+            released,
+            lambda Z, up, step: _shrink(Z, weight_ * step),
+            lambda down: weight_ * float(torch.linalg.svdvals(down).sum()),  # up orthonormal
+            max_iter,
+            tol,
+        )
+        before = (f_start + weight_ * norm_start, f_start)
+        info = {"activation": "relu", "lam": weight_}
+        return _result(problem, start, best, before, iterations, info)
+
+    if lam is not None:
+        return solve(float(lam))
+    target = start.rank if rank is None else rank
+    if not 1 <= target <= min(problem.shape):
+        raise ValueError(f"expected a rank in [1, {min(problem.shape)}]\nbut got {target}")
+    # From lam = L ||Z_start||_2 up, the first step alone thresholds almost everything away.
+    hi = max(problem.lipschitz * float(torch.linalg.matrix_norm(state[0] @ state[1], ord=2)), 1e-12)
+    while (fit := solve(hi)).rank > target and hi < 1e300:
+        hi *= 4.0
+    lo = 1e-9 * hi
+    for _ in range(12):  # geometric bisection to within 0.5%: rank(lo) > target >= rank(hi)
+        mid = math.sqrt(lo * hi)
+        if (trial := solve(mid)).rank <= target:
+            hi, fit = mid, trial
+        else:
+            lo = mid
+    return fit

@@ -1,0 +1,200 @@
+"""A bounded uniform random sample of the rows a layer sees.
+
+The activation-aware objectives of DESIGN section 2 (the ReLU objective of Zhang & Saab,
+arXiv 2502.02766, Theorem 3) need sample rows, not only the covariance, so every layer keeps a
+reservoir of at most ``capacity`` of its input rows, sampled uniformly without replacement from
+everything it was fed.
+
+Every row gets an independent uniform random key and the reservoir keeps the ``capacity`` rows
+with the largest keys (Efraimidis and Spirakis, "Weighted random sampling with a reservoir", 2006,
+with equal weights). The kept set is a uniform sample of the rows seen, whatever the batch sizes,
+and two reservoirs merge *exactly*: the top ``capacity`` keys of the union are a uniform sample of
+the union, which is what calibration split across processes needs. A batch is screened against the
+current smallest kept key before anything is copied, so a batch of millions of conv patches costs
+one key per row and at most ``capacity`` copied rows.
+
+Keys come from :func:`torch.rand` (the global generator, on the rows' device), so results are
+reproducible under :func:`torch.manual_seed`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["Reservoir"]
+
+
+class Reservoir:
+    r"""A uniform random sample, without replacement, of at most ``capacity`` rows.
+
+    Rows stay on the device they arrive on and are stored in float32 (float64 when the input is
+    float64; float16 and bfloat16 are cast up). The width is fixed by the first batch.
+
+    Args:
+        capacity: the most rows kept, ``>= 1``.
+
+    Shape:
+        - rows passed to :meth:`update`: :math:`(N, w)`.
+        - :attr:`rows`: :math:`(\min(\text{count}, \text{capacity}), w)`, in random order.
+
+    Raises:
+        ValueError: for a capacity below 1, and (in :meth:`update` / :meth:`merge_`) for rows of
+            the wrong width, dimension or device.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> sample = Reservoir(100)
+        >>> for _ in range(10):
+        ...     sample.update(torch.randn(64, 8))
+        >>> sample.count, tuple(sample.rows.shape)
+        (640, (100, 8))
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"expected a capacity that is an integer >= 1\nbut got {capacity!r}")
+        self.capacity = capacity
+        self.features: int | None = None  # the row width, fixed by the first batch
+        self._count = 0
+        self._rows: Tensor | None = None  # (k, w) float32 or float64, k <= capacity
+        self._keys: Tensor | None = None  # (k,) float64, the keys of the kept rows
+
+    @property
+    def count(self) -> int:
+        """The number of rows seen (fed to :meth:`update` or merged in).
+
+        Example:
+            >>> sample = Reservoir(2)
+            >>> sample.update(torch.zeros(5, 3))
+            >>> sample.count
+            5
+        """
+        return self._count
+
+    @property
+    def rows(self) -> Tensor:
+        """The kept rows, ``(min(count, capacity), w)``; ``(0, 0)`` before the first batch.
+
+        Example:
+            >>> sample = Reservoir(4)
+            >>> sample.update(torch.arange(6.0).reshape(3, 2))
+            >>> sorted(sample.rows[:, 0].tolist())
+            [0.0, 2.0, 4.0]
+        """
+        if self._rows is None:
+            return torch.empty(0, 0)
+        return self._rows
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the kept rows and their keys, in bytes.
+
+        Example:
+            >>> sample = Reservoir(10)
+            >>> sample.update(torch.randn(3, 4, dtype=torch.float16))
+            >>> sample.nbytes  # 3 rows of 4 float32 + 3 float64 keys
+            72
+        """
+        if self._rows is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self._rows, self._keys))
+
+    def _check_rows(self, rows: Tensor) -> None:
+        if rows.dim() != 2 or (self.features is not None and rows.shape[1] != self.features):
+            width = "w" if self.features is None else str(self.features)
+            raise ValueError(
+                f"expected rows of shape (N, {width})\nbut got shape {tuple(rows.shape)}"
+            )
+        if self._rows is not None and rows.device != self._rows.device:
+            raise ValueError(
+                f"expected rows on {self._rows.device}, where the reservoir lives\n"
+                f"but got rows on {rows.device}"
+            )
+
+    def _keep(self, rows: Tensor, keys: Tensor) -> None:
+        """Keep the top-``capacity`` keys of the kept rows together with ``(rows, keys)``.
+
+        ``rows`` is cast to the storage dtype only after selection, so a large float16 batch is
+        never copied in full.
+        """
+        work = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        if self._rows is not None and self._rows.dtype != work:
+            work = torch.float64  # float32 and float64 batches mixed: keep the precision
+            self._rows = self._rows.to(work)
+        if self._keys is None:
+            all_keys, old = keys, 0
+        else:
+            all_keys, old = torch.cat([self._keys, keys]), self._keys.shape[0]
+        top = torch.topk(all_keys, min(self.capacity, all_keys.shape[0])).indices
+        from_new = top >= old
+        new_rows = rows[top[from_new] - old].to(work)
+        if self._rows is None:
+            self._rows = new_rows
+        else:
+            self._rows = torch.cat([self._rows[top[~from_new]], new_rows])
+        self._keys = torch.cat([all_keys[top[~from_new]], all_keys[top[from_new]]])
+
+    @torch.no_grad()
+    def update(self, rows: Tensor) -> None:
+        """Offer a batch of rows ``(N, w)``; each one is kept with the right probability.
+
+        Example:
+            >>> sample = Reservoir(3)
+            >>> sample.update(torch.randn(2, 5))
+            >>> sample.update(torch.randn(7, 5))
+            >>> sample.count, tuple(sample.rows.shape)
+            (9, (3, 5))
+        """
+        self._check_rows(rows)
+        if self.features is None:
+            self.features = rows.shape[1]
+        n = rows.shape[0]
+        if n == 0:
+            return
+        self._count += n
+        rows = rows.detach()
+        keys = torch.rand(n, device=rows.device, dtype=torch.float64)
+        if self._keys is not None and self._keys.shape[0] >= self.capacity:
+            # A row whose key is below the smallest kept key can never enter: screen first.
+            candidates = torch.nonzero(keys > self._keys.min()).squeeze(1)
+            if candidates.shape[0] == 0:
+                return
+            rows, keys = rows[candidates], keys[candidates]
+        self._keep(rows, keys)
+
+    @torch.no_grad()
+    def merge_(self, other: Reservoir) -> Reservoir:
+        """Fold ``other`` into this reservoir, exactly; returns ``self``.
+
+        The result is a uniform sample of the union of both inputs, as if every row had been fed
+        to one reservoir. ``other`` must have at least this reservoir's capacity (a smaller one
+        has already discarded rows that could belong to the sample); it is left unchanged.
+
+        Example:
+            >>> a, b = Reservoir(4), Reservoir(4)
+            >>> a.update(torch.zeros(10, 2)); b.update(torch.ones(30, 2))
+            >>> merged = a.merge_(b)
+            >>> merged.count, tuple(merged.rows.shape)
+            (40, (4, 2))
+        """
+        if other is self:
+            raise ValueError("expected another reservoir\nbut got the reservoir itself")
+        if other.capacity < self.capacity:
+            raise ValueError(
+                f"expected a reservoir of capacity >= {self.capacity}\n"
+                f"but got one of capacity {other.capacity}"
+            )
+        if other._rows is None:
+            self._count += other._count
+            return self
+        if self.features is not None and other.features != self.features:
+            raise ValueError(
+                f"expected a reservoir of rows of width {self.features}\n"
+                f"but got one of width {other.features}"
+            )
+        device = other._rows.device if self._rows is None else self._rows.device
+        self.features = other.features
+        self._keep(other._rows.to(device), other._keys.to(device))
+        self._count += other._count
+        return self
