@@ -111,7 +111,7 @@ def test_merge_is_a_uniform_sample_of_the_union():
     assert (hits / trials - 1 / 6).abs().max() <= 0.03
 
 
-def test_merge_matches_one_reservoir_in_distribution_and_edge_cases():
+def test_merge_edge_cases():
     """Merging never exceeds capacity; small reservoirs merge to all their rows; empty ones
     change nothing but the count; the other reservoir is left as it was."""
     torch.manual_seed(3)
@@ -174,6 +174,7 @@ def test_empty_batch_and_fresh_reservoir():
     assert reservoir.count == 0 and reservoir.rows.shape == (0, 0) and reservoir.nbytes == 0
     reservoir.update(torch.empty(0, 5))
     assert reservoir.count == 0 and reservoir.features == 5 and reservoir.nbytes == 0
+    assert reservoir.rows.shape == (0, 5)
 
 
 @pytest.mark.parametrize("capacity", [0, -3, 2.5, True, "4"])

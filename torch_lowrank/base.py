@@ -26,7 +26,7 @@ from . import projected, solvers
 from .activations import Activation, paused, resolve_activation
 from .report import LayerReport
 from .reservoir import Reservoir
-from .stats import CovarianceStats
+from .stats import CovarianceStats, CrossStats
 
 __all__ = ["METHODS", "target_rank"]
 
@@ -144,9 +144,13 @@ class _LowRankBase(nn.Module):
         self.activation_source = "auto" if activation == "auto" else "given"
         self.activation = None if activation == "auto" else resolve_activation(activation, label)
         self.folded_batchnorm: tuple = ()  # (bn,) when an eval BatchNorm follows (not a child)
+        self.accumulating = True  # corrective recovery pauses the first-pass statistics
+        self.staged: tuple | None = None  # (down, up) solved during a corrective run
+        self.run_staged = False  # forward through ``staged`` instead of ``dense``
         self._calibration_hook = self.register_forward_pre_hook(_observe)
 
     def _start_recovered(self, rank: int, add_bias: bool) -> None:
+        self.staged, self.run_staged = None, False
         self.activation = None
         self.activation_source = "given"
         self.folded_batchnorm = ()
@@ -180,8 +184,18 @@ class _LowRankBase(nn.Module):
         raise NotImplementedError
 
     # -- calibration --------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.calibrating:
+            return self.up(self.down(x))
+        if self.run_staged:
+            down, up = self.staged
+            return up(down(x))
+        return self.dense(x)
+
     @torch.no_grad()
     def _accumulate(self, x: Tensor) -> None:
+        if not self.accumulating:
+            return
         n = self.matrix_shape[1]
         with paused():  # the activation detector must not see these calls as consumers
             for rows in self._row_chunks(x):
@@ -234,11 +248,18 @@ class _LowRankBase(nn.Module):
             return None
         return self.activation
 
-    def _solve(self, method: str, fold: bool = False, **options) -> list[solvers.Factors]:
+    def _solve(
+        self,
+        method: str,
+        fold: bool = False,
+        paired: list[tuple[CrossStats, Reservoir | None]] | None = None,
+        **options,
+    ) -> list[solvers.Factors]:
         """Solve every group for its factors without changing the module.
 
-        ``options`` go to the iterative solvers (``optimizer``, ``lr``, ``max_iter``, ``tol``;
-        ``lam`` for ``nuclear``).
+        ``paired`` (per group: the moments of ``(x~, x)`` pairs and a reservoir of concatenated
+        pair rows) switches to corrective recovery. ``options`` go to the iterative solvers
+        (``optimizer``, ``lr``, ``max_iter``, ``tol``; ``lam`` for ``nuclear``).
         """
         name = self.layer_name
         if not self.calibrating:
@@ -247,8 +268,9 @@ class _LowRankBase(nn.Module):
             raise ValueError(
                 f"{name}: method must be one of {', '.join(METHODS)}\nbut got {method!r}"
             )
-        seen = self.samples_seen
-        if seen > 0 and not all(stats.is_finite() for stats in self.stats):
+        seen = self.samples_seen if paired is None else paired[0][0].count
+        sources = self.stats if paired is None else [cross for cross, _ in paired]
+        if seen > 0 and not all(stats.is_finite() for stats in sources):
             raise ValueError(
                 f"{name}: the calibration inputs contained NaN or Inf\n"
                 f"({seen} rows seen); the layer was left unchanged"
@@ -260,27 +282,40 @@ class _LowRankBase(nn.Module):
             )
         activation = self.effective_activation(fold)
         aware = method in ("relu", "nuclear") and activation is not None
-        if aware and self.reservoirs is None:
+        if aware and (self.reservoirs if paired is None else paired[0][1]) is None:
             raise ValueError(
                 f"{name}: method={method!r} needs sample rows, but the layer keeps none\n"
                 f"(samples=0); convert with samples > 0 or use method='linear'"
             )
 
         def solve_group(j: int, weight: Tensor, bias: Tensor | None, rank, energy):
-            stats = self.stats[j] if seen else None
+            stats = sources[j] if seen else None
             if method == "svd":
-                moments = {} if stats is None else {"mean": stats.mean, "cov": stats.covariance}
+                moments = {}
+                if stats is not None:
+                    moments = {"mean": stats.mean, "cov": stats.covariance}
                 return solvers.svd(weight, bias, rank, energy, **moments)
-            start = solvers.linear(
-                weight, bias, stats.mean, stats.covariance, rank, energy, add_bias=self.add_bias
-            )
+            if paired is None:
+                start = solvers.linear(
+                    weight, bias, stats.mean, stats.covariance, rank, energy, self.add_bias
+                )
+                rows, targets = (self.reservoirs[j].rows, None) if aware else (None, None)
+            else:
+                start = solvers.corrective(
+                    weight, bias, stats.mean_tilde, stats.covariance_tilde, stats.mean,
+                    stats.covariance, stats.cross, rank, energy, self.add_bias,
+                )  # fmt: skip
+                if aware:
+                    both = paired[j][1].rows  # (k, 2n): [x~, x]
+                    rows, targets = both[:, : weight.shape[1]], both[:, weight.shape[1] :]
             if not aware:
                 return start
-            rows = self.reservoirs[j].rows
             if method == "nuclear":
-                return projected.nuclear(weight, bias, rows, start, **options)
+                return projected.nuclear(weight, bias, rows, start, target_rows=targets, **options)
             spec = activation.name if activation.name in projected.ACTIVATIONS else activation.fn
-            return projected.activation_aware(weight, bias, rows, start, spec, **options)
+            return projected.activation_aware(
+                weight, bias, rows, start, spec, target_rows=targets, **options
+            )
 
         matrices = self._weights(fold)
         factors = [
@@ -297,6 +332,7 @@ class _LowRankBase(nn.Module):
         del self.dense
         self.stats = None
         self.reservoirs = None
+        self.staged, self.run_staged = None, False
         self.calibrating = False
         self.down, self.up = layers
         self.target_rank = self.rank

@@ -170,11 +170,6 @@ class _LowRankConv(_LowRankBase):
             text += f", padding_mode={self.padding_mode!r}"
         return text
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.calibrating:
-            return self.dense(x)
-        return self.up(self.down(x))
-
     # -- calibration: patches as rows ---------------------------------------------------------
     def _explicit_padding(self) -> list[int]:
         """``F.pad`` amounts for the spatial dims, last dim first, as the conv itself pads."""

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .activations import FirstForwardDetector, static_activations
 from .base import METHODS, _LowRankBase, target_rank
 from .conv import LowRankConv1d, LowRankConv2d
+from .corrective import corrective_plans
 from .linear import LowRankLinear
 from .report import LayerReport, Report
 
@@ -288,7 +289,51 @@ def calibrate(
     return count
 
 
-def recover_(model: nn.Module, *, method: str = "relu", **options: Any) -> Report:
+def _batchnorm_places(
+    model: nn.Module, module: _LowRankBase, all_names: dict[nn.Module, list[str]]
+) -> list[tuple[nn.Module, str]]:
+    """Where the BatchNorm to fold into ``module`` sits in ``model``: ``(parent, attribute)``."""
+    if not module.folded_batchnorm or module.folded_batchnorm[0] not in all_names:
+        return []
+    places = []
+    for name in all_names[module.folded_batchnorm[0]]:
+        parent_name, _, attr = name.rpartition(".")
+        places.append((model.get_submodule(parent_name), attr))
+    return places
+
+
+def _parallel_plans(
+    found: dict[nn.Module, list[str]],
+    method: str,
+    fold: dict[nn.Module, list[tuple[nn.Module, str]]],
+    options: dict,
+) -> dict[nn.Module, tuple]:
+    """Solve every module from its own first-pass statistics (one input per layer)."""
+    plans: dict[nn.Module, tuple] = {}
+    for module in found:
+        if method != "svd" and module.samples_seen == 0:
+            plans[module] = ("dense", "saw no calibration data")
+            continue
+        start = time.perf_counter()
+        factors = module._solve(method, fold=bool(fold[module]), **options)
+        rank = factors[0].rank
+        if not module.saves_parameters(rank):
+            plans[module] = ("dense", f"rank {rank} for energy={module.energy} saves nothing")
+            continue
+        layers = module._factor_layers(factors)
+        seconds = time.perf_counter() - start
+        plans[module] = ("factors", factors, layers, seconds, bool(fold[module]))
+    return plans
+
+
+def recover_(
+    model: nn.Module,
+    *,
+    method: str = "relu",
+    data: Iterable[Any] | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    **options: Any,
+) -> Report:
     """Recover every calibrating low-rank module of ``model``, all or nothing.
 
     Every layer is solved first; only when all solves succeed are the factors written. A
@@ -302,6 +347,13 @@ def recover_(model: nn.Module, *, method: str = "relu", **options: Any) -> Repor
         method: ``"relu"`` (default: activation-aware for layers followed by an activation,
             ``linear`` for the others), ``"linear"`` (exact optimum of the pre-activations),
             ``"svd"`` (weights only) or ``"nuclear"``. See the README for when to use which.
+        data: calibration batches for *corrective* recovery: every layer is solved, in the
+            order layers execute, from the compressed network's own input with the original
+            network's output as target, so it repairs the error of the layers before it. The
+            data is iterated twice per wave of layers (a list or a DataLoader, not a one-shot
+            iterator). Without ``data``: parallel recovery from each layer's first-pass
+            statistics.
+        forward_fn: how to run one batch (see :func:`default_forward`), with ``data``.
         **options: passed to the iterative solvers: ``optimizer`` (a ``torch.optim`` or
             ``torch_optimizer`` class), ``lr``, ``max_iter``, ``tol``; ``lam`` for nuclear.
 
@@ -332,22 +384,16 @@ def recover_(model: nn.Module, *, method: str = "relu", **options: Any) -> Repor
     all_names: dict[nn.Module, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         all_names.setdefault(module, []).append(name)
+    fold = {module: _batchnorm_places(model, module, all_names) for module in found}
 
     # Phase 1: solve everything; nothing in the model changes here.
-    plans: dict[nn.Module, tuple] = {}
-    for module in found:
-        if method != "svd" and module.samples_seen == 0:
-            plans[module] = ("dense", "saw no calibration data")
-            continue
+    if data is not None and method != "svd":
+        forward_fn = forward_fn or default_forward
+        plans, info = corrective_plans(model, list(found), data, method, forward_fn, fold, options)
+    else:
         start = time.perf_counter()
-        fold = bool(module.folded_batchnorm) and module.folded_batchnorm[0] in all_names
-        factors = module._solve(method, fold=fold, **options)
-        rank = factors[0].rank
-        if not module.saves_parameters(rank):
-            plans[module] = ("dense", f"rank {rank} for energy={module.energy} saves nothing")
-            continue
-        layers = module._factor_layers(factors)
-        plans[module] = ("factors", factors, layers, time.perf_counter() - start, fold)
+        plans = _parallel_plans(found, method, fold, options)
+        info = {"mode": "parallel", "seconds": time.perf_counter() - start}
 
     # Phase 2: write back (attribute assignments only).
     rows: dict[nn.Module, LayerReport] = {}
@@ -361,16 +407,15 @@ def recover_(model: nn.Module, *, method: str = "relu", **options: Any) -> Repor
                 if name:
                     _replace(model, name, dense)
             continue
-        _, factors, layers, seconds, fold = plan
-        rows[module] = module._report_row(factors, method, seconds, fold)
-        if fold:
-            for name in all_names[module.folded_batchnorm[0]]:
-                _replace(model, name, nn.Identity())
+        _, factors, layers, seconds, folded = plan
+        rows[module] = module._report_row(factors, method, seconds, folded)
+        for parent, attr in fold[module] if folded else []:
+            setattr(parent, attr, nn.Identity())
         module._install(layers)
 
     by_name = {row.name: row for row in _SKIPPED.get(model, [])}
     by_name.update({found[module][0]: row for module, row in rows.items()})
-    report = Report()
+    report = Report(info=info)
     for name, module in model.named_modules():
         row = by_name.get(name)
         if row is not None and (row.method != "dense" or not isinstance(module, _LowRankBase)):
@@ -384,17 +429,20 @@ def compress(
     *,
     method: str = "relu",
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    corrective: bool = True,
     options: dict | None = None,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, Report]:
-    """Convert, calibrate on ``data`` and recover, in one call.
+    """Convert, calibrate on ``data`` and recover, in one call (corrective by default).
 
     Args:
         model: the trained model (changed in place).
-        data: an iterable of calibration batches (see :func:`default_forward`); iterated once.
+        data: calibration batches (see :func:`default_forward`): a list or a DataLoader.
         method: the recovery method (see :func:`recover_`).
         forward_fn: ``forward_fn(model, batch)`` runs one batch; defaults to
             :func:`default_forward`.
+        corrective: recover correctively (``recover_(model, data=data)``); ``False``: parallel
+            recovery from the first pass, which iterates the data only once.
         options: solver options passed to :func:`recover_` (``optimizer``, ``lr``, ...).
         **convert_kwargs: ``rank`` / ``ratio`` / ``energy``, ``include``, ``exclude``,
             ``add_bias``, ``samples``, ``activation``, ``fold_batchnorm``, passed to
@@ -412,4 +460,8 @@ def compress(
     """
     model = convert(model, **convert_kwargs)
     calibrate(model, data, forward_fn)
-    return model, recover_(model, method=method, **(options or {}))
+    corrective_data = data if corrective else None
+    report = recover_(
+        model, method=method, data=corrective_data, forward_fn=forward_fn, **(options or {})
+    )
+    return model, report

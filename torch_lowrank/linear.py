@@ -136,11 +136,6 @@ class LowRankLinear(_LowRankBase):
     def matrix_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.calibrating:
-            return self.dense(x)
-        return self.up(self.down(x))
-
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 

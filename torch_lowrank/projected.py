@@ -340,7 +340,7 @@ def activation_aware(
         >>> _ = torch.manual_seed(0)
         >>> w, x = torch.randn(16, 8, dtype=torch.float64), torch.randn(256, 8, dtype=torch.float64)
         >>> start = solvers.linear(w, None, x.mean(0), torch.cov(x.T, correction=0), rank=2)
-        >>> fit = activation_aware(w, None, x, start, "relu")
+        >>> fit = activation_aware(w, None, x, start, "relu", max_iter=50)
         >>> fit.rank, fit.info["objective_after"] < fit.info["objective_before"]
         (2, True)
     """
@@ -390,7 +390,7 @@ def nuclear(
         >>> _ = torch.manual_seed(0)
         >>> w, x = torch.randn(12, 8, dtype=torch.float64), torch.randn(200, 8, dtype=torch.float64)
         >>> start = solvers.linear(w, None, x.mean(0), torch.cov(x.T, correction=0), rank=6)
-        >>> fit = nuclear(w, None, x, start, rank=3)
+        >>> fit = nuclear(w, None, x, start, rank=3, max_iter=30)
         >>> fit.rank <= 3, fit.info["lam"] > 0
         (True, True)
     """

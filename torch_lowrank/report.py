@@ -50,6 +50,8 @@ class Report:
     """
 
     layers: list[LayerReport] = field(default_factory=list)
+    #: Run facts: ``mode`` (parallel or corrective), ``waves``, ``forward_passes``, ``seconds``
+    info: dict = field(default_factory=dict)
 
     @property
     def params_before(self) -> int:
@@ -89,6 +91,7 @@ class Report:
                 "params_after": self.params_after,
                 "seconds": self.seconds,
             },
+            "info": dict(self.info),
         }
 
     def to_json(self, **kwargs) -> str:
@@ -145,4 +148,9 @@ class Report:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        if self.info.get("mode") == "corrective":
+            lines.append(
+                f"corrective recovery: {self.info['waves']} waves, "
+                f"{self.info['forward_passes']} forward passes, {self.info['seconds']:.2f} s"
+            )
         return "\n".join(lines)

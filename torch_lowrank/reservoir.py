@@ -19,6 +19,8 @@ reproducible under :func:`torch.manual_seed`.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -52,9 +54,13 @@ class Reservoir:
     """
 
     def __init__(self, capacity: int) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        try:
+            size = -1 if isinstance(capacity, bool) else operator.index(capacity)
+        except TypeError:
+            size = -1
+        if size < 1:
             raise ValueError(f"expected a capacity that is an integer >= 1\nbut got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = size
         self.features: int | None = None  # the row width, fixed by the first batch
         self._count = 0
         self._rows: Tensor | None = None  # (k, w) float32 or float64, k <= capacity
@@ -74,7 +80,7 @@ class Reservoir:
 
     @property
     def rows(self) -> Tensor:
-        """The kept rows, ``(min(count, capacity), w)``; ``(0, 0)`` before the first batch.
+        """The kept rows, ``(min(count, capacity), w)``; ``(0, 0)`` before the width is known.
 
         Example:
             >>> sample = Reservoir(4)
@@ -83,7 +89,7 @@ class Reservoir:
             [0.0, 2.0, 4.0]
         """
         if self._rows is None:
-            return torch.empty(0, 0)
+            return torch.empty(0, self.features or 0)
         return self._rows
 
     @property

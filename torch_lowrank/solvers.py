@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Factors", "select_rank", "svd", "linear", "output_error"]
+__all__ = ["Factors", "select_rank", "svd", "linear", "corrective", "output_error"]
 
 
 @dataclass
@@ -224,3 +224,76 @@ def linear(
         variance = float(spectrum.sum()) - float((W @ mean).square().sum())
     error = float(spectrum[r:].sum())
     return Factors(up, down, new_bias, error, max(variance, 0.0), spectrum)
+
+
+def corrective(
+    weight: Tensor,
+    bias: Tensor | None,
+    mean_tilde: Tensor,
+    cov_tilde: Tensor,
+    mean: Tensor,
+    cov: Tensor,
+    cross: Tensor,
+    rank: int | None = None,
+    energy: float | None = None,
+    add_bias: bool = True,
+    rcond: float = 1e-10,
+) -> Factors:
+    r"""Corrective recovery: reduced-rank regression from the compressed network's input ``x~``
+    to the original layer's output ``W x + b`` (DESIGN section 2).
+
+    Solves :math:`\min_{\mathrm{rank}\,Z \le r,\ c} E\,\|(Z\tilde x + c) - (Wx + b)\|^2`. The
+    least-squares map is ``B = W Ctx^T Ct^+ + W (I - Ct Ct^+)``, where ``Ct`` is the covariance
+    of ``x~``, ``Ctx`` the cross-covariance of ``x~`` with ``x`` and ``Ct^+`` the pseudo-inverse
+    from an eigendecomposition that drops eigenvalues below ``rcond`` times the largest (never a
+    Cholesky). The second term keeps ``W`` where ``x~`` does not vary, so ``x~ = x`` gives
+    ``B = W`` and exactly the :func:`linear` result. Then ``Z`` is :func:`linear` applied to
+    ``B`` (top-r eigenvectors of ``B Ct B^T``) and ``c = b + W mu - Z mu~``.
+
+    Args:
+        weight, bias: the dense layer. mean_tilde, cov_tilde: moments of ``x~``. mean, cov:
+        moments of ``x``. cross: ``E[(x~ - mu~)(x - mu)^T]`` ``(n, n)``.
+        rank / energy, add_bias: as in :func:`linear`. rcond: relative eigenvalue threshold.
+
+    Returns:
+        :class:`Factors` whose ``error`` is the full corrective error: the least-squares
+        residual plus the eigenvalue tail; ``variance`` is that of ``W x``.
+
+    Example:
+        >>> x = torch.randn(500, 6, dtype=torch.float64)
+        >>> w = torch.randn(4, 6, dtype=torch.float64)
+        >>> m, c = x.mean(0), torch.cov(x.T, correction=0)
+        >>> same, plain = corrective(w, None, m, c, m, c, c, rank=2), linear(w, None, m, c, rank=2)
+        >>> torch.allclose(same.up @ same.down, plain.up @ plain.down)
+        True
+    """
+    W = weight.detach().to(torch.float64)
+    device = W.device
+    mean_tilde, cov_tilde, mean, cov, cross = (
+        t.to(device=device, dtype=torch.float64) for t in (mean_tilde, cov_tilde, mean, cov, cross)
+    )
+    centred = add_bias or bias is not None
+    moment_tilde, moment_cross = cov_tilde, cross
+    if not centred:  # no intercept: regress on uncentred moments
+        moment_tilde = cov_tilde + torch.outer(mean_tilde, mean_tilde)
+        moment_cross = cross + torch.outer(mean_tilde, mean)
+    s, V = _descending_eigh(moment_tilde)
+    kept = V[:, s > rcond * s[0]] if s[0] > 0 else V[:, :0]
+    pinv = (kept / s[: kept.shape[1]]) @ kept.T  # Ct^+
+    eye = torch.eye(W.shape[1], dtype=torch.float64, device=device)
+    B = W @ (moment_cross.T @ pinv + eye - kept @ kept.T)  # (m, n)
+    variance = float(((W @ cov) * W).sum())  # E || W x - E W x ||^2
+    if centred:
+        intercept = W @ mean - B @ mean_tilde
+        if bias is not None:
+            intercept = intercept + bias.detach().to(torch.float64)
+        fit = linear(B, intercept, mean_tilde, cov_tilde, rank, energy, add_bias=True)
+        residual = variance - fit.variance
+    else:
+        fit = linear(B, None, mean_tilde, cov_tilde, rank, energy, add_bias=False)
+        residual = variance + float((W @ mean).square().sum()) - float(fit.spectrum.sum())
+    residual = max(residual, 0.0)
+    fit.error = residual + fit.error
+    fit.variance = variance
+    fit.info["least_squares_residual"] = residual
+    return fit

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CovarianceStats"]
+__all__ = ["CovarianceStats", "CrossStats"]
 
 
 class CovarianceStats:
@@ -152,3 +152,78 @@ class CovarianceStats:
         self.sum += o_sum + other.count * delta
         self.count += other.count
         return self
+
+
+class CrossStats:
+    r"""Streaming moments of paired rows ``(x~, x)``: what the compressed network and the original
+    network feed one layer on the same samples (corrective recovery, DESIGN section 2).
+
+    Keeps the count, ``sum x~``, ``sum x``, ``sum x~ x~^T``, ``sum x~ x^T`` and ``sum x x^T``
+    (each about a shift, float64, on the rows' device). All are sums, so they merge.
+
+    Example:
+        >>> stats = CrossStats(3)
+        >>> x = torch.randn(100, 3)
+        >>> stats.update(x, x)
+        >>> torch.allclose(stats.cross, stats.covariance_tilde)
+        True
+    """
+
+    def __init__(self, features: int) -> None:
+        self.tilde = CovarianceStats(features)
+        self.original = CovarianceStats(features)
+        self.sum_cross: Tensor | None = None  # (n, n) sum of (x~ - s~)(x - s)^T
+
+    @property
+    def count(self) -> int:
+        return self.tilde.count
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.sum_cross is None else self.sum_cross.numel() * 8
+        return self.tilde.nbytes + self.original.nbytes + extra
+
+    @torch.no_grad()
+    def update(self, tilde_rows: Tensor, rows: Tensor) -> None:
+        """Add paired batches ``(N, n)``: row ``i`` of both comes from the same sample."""
+        if tilde_rows.shape != rows.shape:
+            raise ValueError(
+                f"expected paired rows of one shape\n"
+                f"but got {tuple(tilde_rows.shape)} and {tuple(rows.shape)}"
+            )
+        self.tilde.update(tilde_rows)
+        self.original.update(rows)
+        work = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        t = tilde_rows.detach().to(work) - self.tilde.shift.to(work)
+        x = rows.detach().to(work) - self.original.shift.to(work)
+        product = (t.T @ x).to(torch.float64)
+        self.sum_cross = product if self.sum_cross is None else self.sum_cross + product
+
+    def is_finite(self) -> bool:
+        return (
+            self.tilde.is_finite()
+            and self.original.is_finite()
+            and bool(torch.isfinite(self.sum_cross).all())
+        )
+
+    @property
+    def mean_tilde(self) -> Tensor:
+        return self.tilde.mean
+
+    @property
+    def mean(self) -> Tensor:
+        return self.original.mean
+
+    @property
+    def covariance_tilde(self) -> Tensor:
+        return self.tilde.covariance
+
+    @property
+    def covariance(self) -> Tensor:
+        return self.original.covariance
+
+    @property
+    def cross(self) -> Tensor:
+        """``E[(x~ - E x~)(x - E x)^T]``, ``(n, n)`` float64."""
+        n = self.count
+        return self.sum_cross / n - torch.outer(self.tilde.sum / n, self.original.sum / n)
