@@ -141,7 +141,7 @@ def test_without_an_observed_forward_the_static_answer_is_used():
 def test_detector_hooks_are_removed_after_the_first_forward():
     import importlib
 
-    convert_module = importlib.import_module("torch_lowrank.convert")  # the module, not the function
+    convert_module = importlib.import_module("torch_lowrank.convert")  # not the function
 
     seq = tl.convert(nn.Sequential(nn.Linear(16, 16), nn.ReLU()), rank=2)
     detector = convert_module._DETECTORS[seq]

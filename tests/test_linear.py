@@ -212,7 +212,8 @@ def test_recover_errors_leave_the_module_unchanged():
         layer.recover_("linear")
     layer(torch.randn(4, 16))
     with pytest.raises(
-        ValueError, match=r"blocks.0.fc: method must be one of relu, linear, svd, nuclear\nbut got 'qr'"
+        ValueError,
+        match=r"blocks.0.fc: method must be one of relu, linear, svd, nuclear\nbut got 'qr'",
     ):
         layer.recover_("qr")
     with pytest.raises(
