@@ -259,7 +259,8 @@ class _LowRankBase(nn.Module):
 
         ``paired`` (per group: the moments of ``(x~, x)`` pairs and a reservoir of concatenated
         pair rows) switches to corrective recovery. ``options`` go to the iterative solvers
-        (``optimizer``, ``lr``, ``max_iter``, ``tol``; ``lam`` for ``nuclear``).
+        (``optimizer``, ``lr``, ``max_iter``, ``tol``; ``lam`` for ``nuclear``), except
+        ``damping``, the corrective ridge weight (see :func:`solvers.corrective`).
         """
         name = self.layer_name
         if not self.calibrating:
@@ -280,6 +281,7 @@ class _LowRankBase(nn.Module):
                 f"{name}: saw no calibration data; run forward passes over calibration batches\n"
                 f"before recover_(method={method!r})"
             )
+        damping = options.pop("damping", 1e-2)
         activation = self.effective_activation(fold)
         aware = method in ("relu", "nuclear") and activation is not None
         if aware and (self.reservoirs if paired is None else paired[0][1]) is None:
@@ -303,7 +305,7 @@ class _LowRankBase(nn.Module):
             else:
                 start = solvers.corrective(
                     weight, bias, stats.mean_tilde, stats.covariance_tilde, stats.mean,
-                    stats.covariance, stats.cross, rank, energy, self.add_bias,
+                    stats.covariance, stats.cross, rank, energy, self.add_bias, damping,
                 )  # fmt: skip
                 if aware:
                     both = paired[j][1].rows  # (k, 2n): [x~, x]

@@ -237,27 +237,33 @@ def corrective(
     rank: int | None = None,
     energy: float | None = None,
     add_bias: bool = True,
-    rcond: float = 1e-10,
+    damping: float = 1e-2,
 ) -> Factors:
     r"""Corrective recovery: reduced-rank regression from the compressed network's input ``x~``
     to the original layer's output ``W x + b`` (DESIGN section 2).
 
-    Solves :math:`\min_{\mathrm{rank}\,Z \le r,\ c} E\,\|(Z\tilde x + c) - (Wx + b)\|^2`. The
-    least-squares map is ``B = W Ctx^T Ct^+ + W (I - Ct Ct^+)``, where ``Ct`` is the covariance
-    of ``x~``, ``Ctx`` the cross-covariance of ``x~`` with ``x`` and ``Ct^+`` the pseudo-inverse
-    from an eigendecomposition that drops eigenvalues below ``rcond`` times the largest (never a
-    Cholesky). The second term keeps ``W`` where ``x~`` does not vary, so ``x~ = x`` gives
-    ``B = W`` and exactly the :func:`linear` result. Then ``Z`` is :func:`linear` applied to
-    ``B`` (top-r eigenvectors of ``B Ct B^T``) and ``c = b + W mu - Z mu~``.
+    Solves :math:`\min_{\mathrm{rank}\,Z \le r,\ c} E\,\|(Z\tilde x + c) - (Wx + b)\|^2`.
+    First the least-squares map from ``x~`` to the target, damped towards the original weight:
+
+        B = argmin_B E||W (x - mu) - B (x~ - mu~)||^2 + delta ||B - W||_F^2
+          = W (Ctx^T + delta I) (Ct + delta I)^{-1},
+
+    with ``Ct`` the covariance of ``x~``, ``Ctx`` the cross-covariance of ``x~`` with ``x`` and
+    ``delta = damping * trace(Ct) / n`` (one eigendecomposition of ``Ct``; never a Cholesky). The
+    damping keeps ``W`` where ``x~`` barely varies (an undamped pseudo-inverse over-fits those
+    directions badly on held-out data), and ``x~ = x`` gives ``B = W``: exactly the
+    :func:`linear` result. Then ``Z`` is :func:`linear` applied to ``B`` (top-r eigenvectors of
+    ``B Ct B^T``) and ``c = b + W mu - Z mu~``.
 
     Args:
         weight, bias: the dense layer. mean_tilde, cov_tilde: moments of ``x~``. mean, cov:
         moments of ``x``. cross: ``E[(x~ - mu~)(x - mu)^T]`` ``(n, n)``.
-        rank / energy, add_bias: as in :func:`linear`. rcond: relative eigenvalue threshold.
+        rank / energy, add_bias: as in :func:`linear`. damping: the ridge weight relative to
+        the mean eigenvalue of ``Ct``.
 
     Returns:
-        :class:`Factors` whose ``error`` is the full corrective error: the least-squares
-        residual plus the eigenvalue tail; ``variance`` is that of ``W x``.
+        :class:`Factors` whose ``error`` is the full corrective error on the calibration data
+        (the regression residual plus the eigenvalue tail); ``variance`` is that of ``W x``.
 
     Example:
         >>> x = torch.randn(500, 6, dtype=torch.float64)
@@ -277,23 +283,27 @@ def corrective(
     if not centred:  # no intercept: regress on uncentred moments
         moment_tilde = cov_tilde + torch.outer(mean_tilde, mean_tilde)
         moment_cross = cross + torch.outer(mean_tilde, mean)
+    # Ridge towards W: B = argmin E||W x - B x~||^2 + delta ||B - W||^2
+    #                    = W (Ctx^T + delta I) (Ct + delta I)^{-1}, from one eigendecomposition.
     s, V = _descending_eigh(moment_tilde)
-    kept = V[:, s > rcond * s[0]] if s[0] > 0 else V[:, :0]
-    pinv = (kept / s[: kept.shape[1]]) @ kept.T  # Ct^+
+    delta = damping * float(s.sum()) / s.shape[0] if s.sum() > 0 else 1.0
     eye = torch.eye(W.shape[1], dtype=torch.float64, device=device)
-    B = W @ (moment_cross.T @ pinv + eye - kept @ kept.T)  # (m, n)
+    inverse = (V / (s + delta)) @ V.T  # (Ct + delta I)^{-1}
+    B = W @ ((moment_cross.T + delta * eye) @ inverse)  # (m, n)
     variance = float(((W @ cov) * W).sum())  # E || W x - E W x ||^2
     if centred:
         intercept = W @ mean - B @ mean_tilde
         if bias is not None:
             intercept = intercept + bias.detach().to(torch.float64)
         fit = linear(B, intercept, mean_tilde, cov_tilde, rank, energy, add_bias=True)
-        residual = variance - fit.variance
+        moment = cov
     else:
         fit = linear(B, None, mean_tilde, cov_tilde, rank, energy, add_bias=False)
-        residual = variance + float((W @ mean).square().sum()) - float(fit.spectrum.sum())
-    residual = max(residual, 0.0)
-    fit.error = residual + fit.error
+        moment = cov + torch.outer(mean, mean)
+    # The error of Z = up down on the data (the intercept makes the means agree):
+    # E||W x - Z x~||^2 = tr(W Cx W^T) - 2 tr(W Ctx^T Z^T) + tr(Z Ct Z^T), up orthonormal.
+    cross_term = float(((fit.up.T @ W @ moment_cross.T) * fit.down).sum())
+    fitted = float(((fit.down @ moment_tilde) * fit.down).sum())
+    fit.error = max(float(((W @ moment) * W).sum()) - 2 * cross_term + fitted, 0.0)
     fit.variance = variance
-    fit.info["least_squares_residual"] = residual
     return fit
