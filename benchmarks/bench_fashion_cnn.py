@@ -3,7 +3,9 @@
 The VGG-style ``SmallCNN`` of ``benchmarks/models.py`` (trained once and cached outside the
 repository) is compressed at several ratios with the data-agnostic ``svd`` baseline, the exact
 data-driven ``linear`` recovery and the activation-aware ``relu`` recovery, on the same 2,048
-calibration images; every conv and linear layer but the 10-way head is converted. Reported per
+calibration images, each layer from its own input (parallel recovery; ``bench_corrective``
+compares the corrective mode); every conv and linear layer but the 10-way head is converted.
+Reported per
 ratio and method: test accuracy on the 10,000 test images, and the mean per-layer relative
 post-activation error on 1,000 held-out test images (each layer fed the original network's input,
 ``||relu(layer'(x)) - relu(layer(x))||^2 / ||relu(layer(x)) - mean||^2``, averaged over layers).
@@ -74,7 +76,12 @@ def run(ratios: tuple[float, ...], seed: int = 0) -> list[dict]:
             torch.manual_seed(seed)
             start = time.perf_counter()
             compressed, report = tl.compress(
-                copy.deepcopy(model), calibration, ratio=ratio, method=method, exclude=HEAD
+                copy.deepcopy(model),
+                calibration,
+                ratio=ratio,
+                method=method,
+                exclude=HEAD,
+                corrective=False,  # compare the methods layer by layer; see bench_corrective
             )
             seconds = time.perf_counter() - start
             rows.append(
