@@ -106,3 +106,12 @@ def test_statistics_stay_on_the_rows_device_and_report_memory():
     assert stats.device == torch.device("cpu")
     assert stats.sum_sq.dtype == torch.float64
     assert stats.nbytes == (5 + 5 + 25) * 8
+
+
+def test_rows_from_another_device_are_refused():
+    stats = CovarianceStats(3)
+    stats.update(torch.randn(4, 3))
+    with pytest.raises(
+        ValueError, match="calibration rows arrived on meta\nbut the statistics live on cpu"
+    ):
+        stats.update(torch.randn(4, 3, device="meta"))
