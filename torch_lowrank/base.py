@@ -145,6 +145,7 @@ class _LowRankBase(nn.Module):
         self.activation = None if activation == "auto" else resolve_activation(activation, label)
         self.folded_batchnorm: tuple = ()  # (bn,) when an eval BatchNorm follows (not a child)
         self.accumulating = True  # corrective recovery pauses the first-pass statistics
+        self.inputs_seen = 0  # calibration inputs (tokens of a Linear, images of a conv)
         self.staged: tuple | None = None  # (down, up) solved during a corrective run
         self.run_staged = False  # forward through ``staged`` instead of ``dense``
         self._calibration_hook = self.register_forward_pre_hook(_observe)
@@ -162,6 +163,10 @@ class _LowRankBase(nn.Module):
         self.stats = None
 
     # -- subclass interface ------------------------------------------------------------------
+    def _inputs_in(self, x: Tensor) -> int:
+        """How many inputs ``x`` holds (a Linear's tokens; a conv overrides: its images)."""
+        return x.numel() // max(x.shape[-1], 1)
+
     def _row_chunks(self, x: Tensor) -> Iterable[Tensor]:
         """The sample rows of input ``x``, ``(N, groups * n)``, in memory-bounded chunks."""
         raise NotImplementedError
@@ -196,6 +201,7 @@ class _LowRankBase(nn.Module):
     def _accumulate(self, x: Tensor) -> None:
         if not self.accumulating:
             return
+        self.inputs_seen += self._inputs_in(x)
         n = self.matrix_shape[1]
         with paused():  # the activation detector must not see these calls as consumers
             for rows in self._row_chunks(x):
@@ -372,6 +378,7 @@ class _LowRankBase(nn.Module):
             seconds=seconds,
             note=", ".join(notes),
             activation=activation.name if activation is not None else "-",
+            spectrum=sum(f.spectrum for f in factors).tolist(),
         )
 
     def recover_(self, method: str = "relu", **options) -> LayerReport:

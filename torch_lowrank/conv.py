@@ -171,6 +171,9 @@ class _LowRankConv(_LowRankBase):
         return text
 
     # -- calibration: patches as rows ---------------------------------------------------------
+    def _inputs_in(self, x: Tensor) -> int:
+        return x.shape[0] if x.dim() == self._dims + 2 else 1
+
     def _explicit_padding(self) -> list[int]:
         """``F.pad`` amounts for the spatial dims, last dim first, as the conv itself pads."""
         pads: list[int] = []

@@ -24,7 +24,9 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
+from . import solvers
 from .activations import FirstForwardDetector, static_activations
+from .allocation import LayerBudget, allocate
 from .base import METHODS, _LowRankBase, target_rank
 from .conv import LowRankConv1d, LowRankConv2d
 from .corrective import corrective_plans
@@ -42,6 +44,8 @@ _REPLACEMENTS = ((nn.Linear, LowRankLinear), (nn.Conv2d, LowRankConv2d), (nn.Con
 
 # Layers convert() left dense, per model, so that recover_() can list them with the reason.
 _SKIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Global allocation settings per model, applied at recovery.
+_ALLOCATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # The activation detector waiting for a model's first forward.
 _DETECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -91,6 +95,11 @@ def convert(
     samples: int = 4096,
     activation: Any = "auto",
     fold_batchnorm: bool = True,
+    allocation: str = "uniform",
+    budget: str = "params",
+    round_to: int = 1,
+    min_rank: int = 1,
+    max_rank: int | None = None,
 ) -> nn.Module:
     """Swap every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` whose factorisation saves
     parameters for a calibrating low-rank module (:class:`~torch_lowrank.LowRankLinear`,
@@ -120,6 +129,15 @@ def convert(
         fold_batchnorm: when an eval-mode BatchNorm sits between a layer and its activation,
             fold it into the layer at recovery (exact; the BatchNorm becomes ``nn.Identity``),
             so the activation-aware objective sees the layer's own output.
+        allocation: ``"uniform"`` (every layer keeps ``ratio`` of its own weights) or
+            ``"global"``: with ``ratio``, the ranks of all converted layers are chosen together
+            at recovery, from their output spectra, so that the layers keep ``ratio`` of their
+            total cost and lose the least summed normalised error (see
+            :mod:`torch_lowrank.allocation`); layers it gives no saving rank stay dense.
+        budget: what ``ratio`` counts with global allocation: ``"params"`` (weights) or
+            ``"flops"`` (multiply-accumulates; a conv counts its output positions).
+        round_to: global allocation gives ranks that are multiples of this (e.g. 8).
+        min_rank / max_rank: bounds on each rank under global allocation.
 
     Returns:
         ``model`` (a low-rank module when ``model`` itself is a single layer). Layers already
@@ -136,8 +154,15 @@ def convert(
     """
     # Validate the specification once, on a shape every value fits.
     target_rank((1 << 20, 1 << 20), rank, ratio, energy, "convert")
-    if rank is None and ratio is None and energy is None:
-        raise ValueError("convert: give exactly one of rank, ratio or energy")
+    if allocation not in ("uniform", "global"):
+        raise ValueError(
+            f"convert: allocation must be 'uniform' or 'global'\nbut got {allocation!r}"
+        )
+    if allocation == "global" and ratio is None:
+        raise ValueError("convert: allocation='global' needs ratio= (the global budget)")
+    if budget not in ("params", "flops"):
+        raise ValueError(f"convert: budget must be 'params' or 'flops'\nbut got {budget!r}")
+    global_ratio, ratio, rank = (ratio, None, 1) if allocation == "global" else (None, ratio, rank)
 
     inside: list[str] = []  # prefixes of existing low-rank modules: never convert their children
     swapped: dict[nn.Module, nn.Module] = {}
@@ -187,6 +212,8 @@ def convert(
             samples=samples,
             activation=spec,
         )
+        if global_ratio is not None:
+            new.target_rank = None  # chosen at recovery by global allocation
         swapped[module] = new
         if name:
             _replace(model, name, new)
@@ -198,6 +225,14 @@ def convert(
     for row in skipped:
         logger.info("convert: %s stays dense (%s)", row.name, row.note)
     _SKIPPED[root] = skipped
+    if global_ratio is not None:
+        _ALLOCATIONS[root] = {
+            "ratio": global_ratio,
+            "budget": budget,
+            "round_to": round_to,
+            "min_rank": min_rank,
+            "max_rank": max_rank,
+        }
     pending = {m: names[0] for m, names in _low_rank_modules(root).items() if _pending(m)}
     if pending and not isinstance(root, _LowRankBase):
         if root in _DETECTORS:
@@ -302,6 +337,43 @@ def _batchnorm_places(
     return places
 
 
+def _global_ranks(
+    model: nn.Module,
+    found: dict[nn.Module, list[str]],
+    fold: dict[nn.Module, list[tuple[nn.Module, str]]],
+) -> dict[nn.Module, int | None]:
+    """Ranks for the modules awaiting global allocation (``None``: keep dense)."""
+    spec = _ALLOCATIONS.get(model)
+    pending = [m for m in found if m.target_rank is None and m.energy is None]
+    if spec is None or not pending:
+        return {}
+    layers, modules = [], {}
+    for module in pending:
+        if module.samples_seen == 0:
+            continue  # goes back to dense: saw no data
+        weights = module._weights(bool(fold[module]))
+        spectrum = sum(
+            solvers.output_spectrum(w, stats.covariance)
+            for (w, _), stats in zip(weights, module.stats)
+        )
+        name = found[module][0]
+        positions = max(1, module.samples_seen // max(module.inputs_seen, 1))
+        layers.append(
+            LayerBudget(
+                name,
+                module.matrix_shape,
+                spectrum,
+                module.groups,
+                positions,
+                spec["min_rank"],
+                spec["max_rank"],
+            )  # fmt: skip
+        )
+        modules[name] = module
+    chosen = allocate(layers, spec["ratio"], spec["budget"], spec["round_to"])
+    return {modules[name]: rank for name, rank in chosen.items()}
+
+
 def _parallel_plans(
     found: dict[nn.Module, list[str]],
     method: str,
@@ -387,13 +459,30 @@ def recover_(
     fold = {module: _batchnorm_places(model, module, all_names) for module in found}
 
     # Phase 1: solve everything; nothing in the model changes here.
-    if data is not None and method != "svd":
-        forward_fn = forward_fn or default_forward
-        plans, info = corrective_plans(model, list(found), data, method, forward_fn, fold, options)
-    else:
-        start = time.perf_counter()
-        plans = _parallel_plans(found, method, fold, options)
-        info = {"mode": "parallel", "seconds": time.perf_counter() - start}
+    ranks = _global_ranks(model, found, fold)
+    kept_dense = {
+        m: ("dense", "global allocation keeps it dense") for m, r in ranks.items() if r is None
+    }
+    solve = {m: names for m, names in found.items() if m not in kept_dense}
+    try:
+        for module, r in ranks.items():
+            module.target_rank = r
+        if data is not None and method != "svd":
+            forward_fn = forward_fn or default_forward
+            plans, info = corrective_plans(
+                model, list(solve), data, method, forward_fn, fold, options
+            )
+        else:
+            start = time.perf_counter()
+            plans = _parallel_plans(solve, method, fold, options)
+            info = {"mode": "parallel", "seconds": time.perf_counter() - start}
+    except BaseException:
+        for module in ranks:
+            module.target_rank = None  # back to "chosen at recovery"
+        raise
+    plans.update(kept_dense)
+    if ranks:
+        info["allocation"] = dict(_ALLOCATIONS[model])
 
     # Phase 2: write back (attribute assignments only).
     rows: dict[nn.Module, LayerReport] = {}

@@ -24,6 +24,7 @@ class LayerReport:
         seconds: wall time of the solve.
         note: why a layer stayed dense, or anything else worth saying.
         activation: the activation the recovery targeted (``"-"``: none, the layer is linear).
+        spectrum: the descending eigenvalues the rank was chosen from (for :meth:`Report.plot`).
     """
 
     name: str
@@ -36,6 +37,7 @@ class LayerReport:
     seconds: float
     note: str = ""
     activation: str = "-"
+    spectrum: list[float] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Report:
 
         def clean(row: LayerReport) -> dict:
             d = asdict(row)
+            d.pop("spectrum")
             d["shape"] = list(row.shape)
             if isinstance(d["relative_error"], float) and not math.isfinite(d["relative_error"]):
                 d["relative_error"] = None
@@ -97,6 +100,48 @@ class Report:
     def to_json(self, **kwargs) -> str:
         """The dict of :meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict(), **kwargs)
+
+    def plot(self, path: str) -> None:
+        """Draw the per-layer spectra with the chosen ranks marked, and each layer's error
+        against its kept parameters, to an image file (needs matplotlib:
+        ``pip install torch_lowrank[plot]``).
+
+        Example:
+            >>> import os, tempfile
+            >>> row = LayerReport("fc", (8, 4), 2, 36, 32, 0.1, "relu", 0.0, spectrum=[4, 2, 1, 1])
+            >>> path = os.path.join(tempfile.mkdtemp(), "report.png")
+            >>> Report([row]).plot(path)  # doctest: +SKIP
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ImportError(
+                "Report.plot needs matplotlib: pip install 'torch_lowrank[plot]'"
+            ) from err
+        rows = [r for r in self.layers if r.spectrum and r.rank is not None]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for row in rows:
+            values = [max(v, 1e-300) for v in row.spectrum]
+            total = sum(values)
+            normalised = [v / total for v in values]
+            (line,) = left.semilogy(range(1, len(values) + 1), normalised, label=row.name)
+            left.plot([row.rank], [normalised[row.rank - 1]], "o", color=line.get_color())
+            tail = [sum(values[r:]) / total for r in range(1, len(values) + 1)]
+            per_rank = row.params_after / row.params_before / row.rank  # kept fraction per rank
+            kept = [r * per_rank for r in range(1, len(values) + 1)]
+            right.plot(kept, tail, color=line.get_color())
+            right.plot([kept[row.rank - 1]], [tail[row.rank - 1]], "o", color=line.get_color())
+        left.set(xlabel="rank", ylabel="eigenvalue / total", title="output spectra, chosen ranks")
+        right.set(xlabel="fraction of parameters kept", ylabel="relative error (spectrum tail)",
+                  title="error against parameters")  # fmt: skip
+        if len(rows) <= 12:
+            left.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
 
     def __str__(self) -> str:
         header = (

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Factors", "select_rank", "svd", "linear", "corrective", "output_error"]
+__all__ = [
+    "Factors",
+    "select_rank",
+    "svd",
+    "linear",
+    "corrective",
+    "output_error",
+    "output_spectrum",
+]
 
 
 @dataclass
@@ -102,6 +110,26 @@ def _orthonormal_columns(B: Tensor) -> Tensor:
     if norms.min() > 1e-6 * norms.max():
         return B / norms
     return torch.linalg.qr(B).Q
+
+
+def output_spectrum(weight: Tensor, cov: Tensor) -> Tensor:
+    """The descending eigenvalues of the output covariance ``W C W^T`` (``min(m, n)`` of them),
+    computed in the smaller of the two spaces: what :func:`linear` keeps and drops.
+
+    Example:
+        >>> w = torch.randn(6, 3, dtype=torch.float64)
+        >>> torch.allclose(output_spectrum(w, torch.eye(3, dtype=torch.float64)),
+        ...                torch.linalg.svdvals(w).square())
+        True
+    """
+    W = weight.detach().to(torch.float64)
+    cov = cov.to(device=W.device, dtype=torch.float64)
+    m, n = W.shape
+    if m <= n:
+        return torch.linalg.eigvalsh(W @ cov @ W.T).flip(0).clamp_min(0.0)
+    s, V = _descending_eigh(cov)
+    half = V * s.sqrt()
+    return torch.linalg.eigvalsh(half.T @ (W.T @ W) @ half).flip(0).clamp_min(0.0)
 
 
 def output_error(
