@@ -235,3 +235,13 @@ def test_calibrate_restores_training_mode_and_accepts_common_batch_forms():
 def test_convert_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tl.convert(Nested(), **kwargs)
+
+
+def test_progress_bars_can_be_turned_off(capsys):
+    from torch_lowrank.convert import progress_bar
+
+    assert progress_bar([1, 2], "x", enabled=False).disable
+    model = tl.convert(nn.Sequential(nn.Linear(8, 8)), rank=2)
+    tl.calibrate(model, [torch.randn(4, 8)], progress=False)
+    tl.recover_(model, progress=False)
+    assert capsys.readouterr().err == ""

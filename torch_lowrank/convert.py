@@ -23,6 +23,7 @@ from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from . import solvers
 from .activations import FirstForwardDetector, static_activations
@@ -273,6 +274,12 @@ def _settle_activations(model: nn.Module, found: dict[nn.Module, list[str]]) -> 
                 )
 
 
+def progress_bar(items: Iterable, what: str, enabled: bool) -> Iterable:
+    """``items`` with a tqdm progress bar: shown on an interactive terminal when ``enabled``."""
+    total = len(items) if hasattr(items, "__len__") else None
+    return tqdm(items, desc=what, total=total, disable=None if enabled else True, leave=False)
+
+
 def _model_device(model: nn.Module) -> torch.device | None:
     for tensor in model.parameters():
         return tensor.device
@@ -299,11 +306,13 @@ def calibrate(
     model: nn.Module,
     data: Iterable[Any],
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = True,
 ) -> int:
     """Run calibration batches through ``model`` in eval mode without gradients.
 
     The calibrating modules' hooks accumulate their statistics; the model's train/eval mode is
-    restored afterwards. Returns the number of batches.
+    restored afterwards. Returns the number of batches. ``progress`` shows a tqdm bar on an
+    interactive terminal (``False``: never).
 
     Example:
         >>> model = convert(nn.Sequential(nn.Linear(32, 32)), rank=4)
@@ -316,7 +325,7 @@ def calibrate(
     count = 0
     try:
         with torch.no_grad():
-            for batch in data:
+            for batch in progress_bar(data, "calibrating", progress):
                 forward_fn(model, batch)
                 count += 1
     finally:
@@ -379,10 +388,11 @@ def _parallel_plans(
     method: str,
     fold: dict[nn.Module, list[tuple[nn.Module, str]]],
     options: dict,
+    progress: bool = True,
 ) -> dict[nn.Module, tuple]:
     """Solve every module from its own first-pass statistics (one input per layer)."""
     plans: dict[nn.Module, tuple] = {}
-    for module in found:
+    for module in progress_bar(list(found), "recovering", progress):
         if method != "svd" and module.samples_seen == 0:
             plans[module] = ("dense", "saw no calibration data")
             continue
@@ -404,6 +414,7 @@ def recover_(
     method: str = "relu",
     data: Iterable[Any] | None = None,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = True,
     **options: Any,
 ) -> Report:
     """Recover every calibrating low-rank module of ``model``, all or nothing.
@@ -426,6 +437,8 @@ def recover_(
             iterator). Without ``data``: parallel recovery from each layer's first-pass
             statistics.
         forward_fn: how to run one batch (see :func:`default_forward`), with ``data``.
+        progress: a tqdm progress bar over layers (parallel) or waves (corrective), shown on an
+            interactive terminal; ``False`` never shows it.
         **options: passed to the iterative solvers: ``optimizer`` (a ``torch.optim`` or
             ``torch_optimizer`` class), ``lr``, ``max_iter``, ``tol``; ``lam`` for nuclear.
 
@@ -470,11 +483,11 @@ def recover_(
         if data is not None and method != "svd":
             forward_fn = forward_fn or default_forward
             plans, info = corrective_plans(
-                model, list(solve), data, method, forward_fn, fold, options
+                model, list(solve), data, method, forward_fn, fold, options, progress
             )
         else:
             start = time.perf_counter()
-            plans = _parallel_plans(solve, method, fold, options)
+            plans = _parallel_plans(solve, method, fold, options, progress)
             info = {"mode": "parallel", "seconds": time.perf_counter() - start}
     except BaseException:
         for module in ranks:
@@ -520,6 +533,7 @@ def compress(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     corrective: bool = True,
     options: dict | None = None,
+    progress: bool = True,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, Report]:
     """Convert, calibrate on ``data`` and recover, in one call (corrective by default).
@@ -533,6 +547,7 @@ def compress(
         corrective: recover correctively (``recover_(model, data=data)``); ``False``: parallel
             recovery from the first pass, which iterates the data only once.
         options: solver options passed to :func:`recover_` (``optimizer``, ``lr``, ...).
+        progress: tqdm progress bars on an interactive terminal (``False``: never).
         **convert_kwargs: ``rank`` / ``ratio`` / ``energy``, ``include``, ``exclude``,
             ``add_bias``, ``samples``, ``activation``, ``fold_batchnorm``, passed to
             :func:`convert`.
@@ -548,9 +563,14 @@ def compress(
         [5, 5]
     """
     model = convert(model, **convert_kwargs)
-    calibrate(model, data, forward_fn)
+    calibrate(model, data, forward_fn, progress)
     corrective_data = data if corrective else None
     report = recover_(
-        model, method=method, data=corrective_data, forward_fn=forward_fn, **(options or {})
+        model,
+        method=method,
+        data=corrective_data,
+        forward_fn=forward_fn,
+        progress=progress,
+        **(options or {}),
     )
     return model, report

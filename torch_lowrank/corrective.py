@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .reservoir import Reservoir
 from .stats import CrossStats
@@ -144,6 +145,7 @@ def corrective_plans(
     forward_fn: Callable,
     fold: dict[nn.Module, list[tuple[nn.Module, str]]],
     options: dict,
+    progress: bool = True,
 ) -> tuple[dict[nn.Module, tuple], dict]:
     """Solve ``modules`` correctively, wave by wave; returns the plans for
     :func:`~torch_lowrank.convert.recover_` to install, and run information (waves, forward
@@ -166,7 +168,7 @@ def corrective_plans(
         module.accumulating = False
     try:
         waves = schedule(model, modules, first, forward_fn)
-        for wave in waves:
+        for wave in tqdm(waves, desc="corrective waves", disable=None if progress else True):
             needs_rows = method in ("relu", "nuclear")
             paired, wave_passes = _accumulate_wave(
                 model, wave, solved, data, forward_fn, needs_rows, fold
