@@ -199,7 +199,7 @@ def test_from_linear_validation(kwargs, error, message):
 
 
 def test_from_linear_rejects_other_modules():
-    with pytest.raises(TypeError, match="fc: from_linear expects an nn.Linear\nbut got Conv1d"):
+    with pytest.raises(TypeError, match="fc: expected an nn.Linear\nbut got Conv1d"):
         LowRankLinear.from_linear(nn.Conv1d(3, 3, 1), rank=1, name="fc")
 
 

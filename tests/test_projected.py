@@ -23,13 +23,7 @@ ACT = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The layers here are tiny: one thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def linear_start(weight, bias, x, rank):

@@ -7,14 +7,7 @@ from hypothesis import strategies as st
 
 from torch_lowrank.reservoir import Reservoir
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: one thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def labelled(start: int, count: int, width: int = 2) -> torch.Tensor:

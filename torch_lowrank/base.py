@@ -115,6 +115,44 @@ class _LowRankBase(nn.Module):
     calibrating: bool
     #: Independent blocks of the weight (a grouped conv's groups); each gets its own factors.
     groups: int = 1
+    #: The dense layer type this module replaces.
+    _dense_type: type
+
+    @classmethod
+    def from_dense(
+        cls,
+        dense: nn.Module,
+        *,
+        rank: int | None = None,
+        ratio: float | None = None,
+        energy: float | None = None,
+        add_bias: bool = True,
+        name: str | None = None,
+        samples: int = 4096,
+        activation: str | nn.Module | None = None,
+    ):
+        """Wrap a trained dense layer in a calibrating low-rank module (the subclasses'
+        ``from_linear`` / ``from_conv2d`` / ``from_conv1d`` document the arguments)."""
+        label = name or cls.__name__
+        if not isinstance(dense, cls._dense_type):
+            raise TypeError(
+                f"{label}: expected an nn.{cls._dense_type.__name__}\n"
+                f"but got {type(dense).__name__}"
+            )
+        resolved = target_rank(cls.matrix_shape_of(dense), rank, ratio, energy, label)
+        module = cls._empty_like(dense, resolved or 1)
+        module._start_calibration(dense, resolved, energy, add_bias, name, samples, activation)
+        return module
+
+    @classmethod
+    def matrix_shape_of(cls, dense: nn.Module) -> tuple[int, int]:
+        """One group's weight of ``dense`` as a matrix ``(m, n)``."""
+        raise NotImplementedError
+
+    @classmethod
+    def _empty_like(cls, dense: nn.Module, rank: int):
+        """A module with the geometry of ``dense`` and factors of ``rank`` on the meta device."""
+        raise NotImplementedError
 
     def _start_calibration(
         self,

@@ -125,32 +125,12 @@ class _LowRankConv(_LowRankBase):
         return conv.out_channels // g, conv.in_channels // g * math.prod(conv.kernel_size)
 
     @classmethod
-    def from_dense(
-        cls,
-        conv: nn.Module,
-        *,
-        rank: int | None = None,
-        ratio: float | None = None,
-        energy: float | None = None,
-        add_bias: bool = True,
-        name: str | None = None,
-        samples: int = 4096,
-        activation: str | nn.Module | None = None,
-    ) -> _LowRankConv:
-        """Wrap a trained conv in a calibrating low-rank module (see ``from_conv2d``)."""
-        label = name or cls.__name__
-        if not isinstance(conv, cls._dense_type):
-            raise TypeError(
-                f"{label}: expected an nn.{cls._dense_type.__name__}\nbut got {type(conv).__name__}"
-            )
-        resolved = target_rank(cls.matrix_shape_of(conv), rank, ratio, energy, label)
-        module = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, resolved or 1, conv.stride,
+    def _empty_like(cls, conv: nn.Module, rank: int) -> _LowRankConv:
+        return cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride,
             conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
             device="meta",
         )  # fmt: skip
-        module._start_calibration(conv, resolved, energy, add_bias, name, samples, activation)
-        return module
 
     @property
     def matrix_shape(self) -> tuple[int, int]:

@@ -72,6 +72,8 @@ class LowRankLinear(_LowRankBase):
         self.down = nn.Linear(in_features, rank, bias=False, **factory_kwargs)
         self.up = nn.Linear(rank, out_features, bias=bias, **factory_kwargs)
 
+    _dense_type = nn.Linear
+
     def reset_parameters(self) -> None:
         """Re-initialise the factors as :class:`torch.nn.Linear` initialises its weights."""
         self.down.reset_parameters()
@@ -114,18 +116,20 @@ class LowRankLinear(_LowRankBase):
             >>> layer.calibrating, layer.rank
             (True, 4)
         """
-        label = name or cls.__name__
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(
-                f"{label}: from_linear expects an nn.Linear\nbut got {type(linear).__name__}"
-            )
-        shape = (linear.out_features, linear.in_features)
-        resolved = target_rank(shape, rank, ratio, energy, label)
-        module = cls(linear.in_features, linear.out_features, resolved or 1, device="meta")
-        module._start_calibration(linear, resolved, energy, add_bias, name, samples, activation)
-        return module
+        return cls.from_dense(
+            linear,
+            rank=rank,
+            ratio=ratio,
+            energy=energy,
+            add_bias=add_bias,
+            name=name,
+            samples=samples,
+            activation=activation,
+        )
 
-    from_dense = from_linear
+    @classmethod
+    def _empty_like(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
+        return cls(linear.in_features, linear.out_features, rank, device="meta")
 
     @classmethod
     def matrix_shape_of(cls, linear: nn.Linear) -> tuple[int, int]:
