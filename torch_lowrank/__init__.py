@@ -16,8 +16,9 @@ Example:
 
 from .base import METHODS
 from .conv import LowRankConv1d, LowRankConv2d
-from .convert import calibrate, compress, convert, default_forward, recover_
+from .convert import calibrate, convert, default_forward
 from .linear import LowRankLinear
+from .recover import compress, recover_
 from .report import LayerReport, Report
 from .stats import CovarianceStats
 

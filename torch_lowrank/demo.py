@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 from torch import Tensor, nn
 
-from .convert import compress
+from .recover import compress
 
 __all__ = ["DEFAULT_RATIOS", "VARIANTS", "load_digits", "train_mlp", "accuracy", "run", "main"]
 

@@ -1,0 +1,315 @@
+"""Model-level recovery: solve every calibrating layer of a model, all or nothing.
+
+``recover_`` solves each layer from its own first-pass statistics (parallel) or, given the
+calibration data, correctively (:mod:`torch_lowrank.corrective`); global rank allocation
+(:mod:`torch_lowrank.allocation`) and the settling of observed activations happen first.
+Every layer is solved before any is written, so a failure leaves the model as it was.
+``compress`` is convert + calibrate + recover in one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any, Callable
+
+from torch import nn
+
+from . import solvers
+from .activations import static_activations
+from .allocation import LayerBudget, allocate
+from .base import METHODS, _LowRankBase
+from .convert import (
+    _ALLOCATIONS,
+    _DETECTORS,
+    _SKIPPED,
+    _dense_row,
+    _low_rank_modules,
+    _pending,
+    _replace,
+    calibrate,
+    convert,
+    default_forward,
+    progress_bar,
+)
+from .corrective import corrective_plans
+from .report import LayerReport, Report
+
+__all__ = ["recover_", "compress"]
+
+logger = logging.getLogger(__name__)
+
+
+def _settle_activations(model: nn.Module, found: dict[nn.Module, list[str]]) -> None:
+    """Give every layer whose activation was not observed the static answer (Sequential / fx),
+    and log where observation and the static answer disagree."""
+    detector = _DETECTORS.pop(model, None)
+    if detector is not None:
+        detector.remove()
+    names = {names[0]: module for module, names in found.items()}
+    static = static_activations(model, list(names), leaf=lambda m: isinstance(m, _LowRankBase))
+    for name, module in names.items():
+        if name not in static:
+            if _pending(module):
+                module.activation_source = "none"
+            continue
+        guess = static[name]
+        if _pending(module):
+            module.activation, module.activation_source = guess, "static"
+        elif module.activation_source == "observed" and not module.folded_batchnorm:
+            seen = module.activation.name if module.activation else None
+            if seen != (guess.name if guess else None):
+                logger.warning(
+                    "%s: observed activation %s, static analysis says %s; using %s",
+                    name,
+                    seen,
+                    guess.name if guess else None,
+                    seen,
+                )
+
+
+def _batchnorm_places(
+    model: nn.Module, module: _LowRankBase, all_names: dict[nn.Module, list[str]]
+) -> list[tuple[nn.Module, str]]:
+    """Where the BatchNorm to fold into ``module`` sits in ``model``: ``(parent, attribute)``."""
+    if not module.folded_batchnorm or module.folded_batchnorm[0] not in all_names:
+        return []
+    places = []
+    for name in all_names[module.folded_batchnorm[0]]:
+        parent_name, _, attr = name.rpartition(".")
+        places.append((model.get_submodule(parent_name), attr))
+    return places
+
+
+def _global_ranks(
+    model: nn.Module,
+    found: dict[nn.Module, list[str]],
+    fold: dict[nn.Module, list[tuple[nn.Module, str]]],
+) -> dict[nn.Module, int | None]:
+    """Ranks for the modules awaiting global allocation (``None``: keep dense)."""
+    spec = _ALLOCATIONS.get(model)
+    pending = [m for m in found if m.target_rank is None and m.energy is None]
+    if spec is None or not pending:
+        return {}
+    layers, modules = [], {}
+    for module in pending:
+        if module.samples_seen == 0:
+            continue  # goes back to dense: saw no data
+        weights = module._weights(bool(fold[module]))
+        spectrum = sum(
+            solvers.output_spectrum(w, stats.covariance)
+            for (w, _), stats in zip(weights, module.stats)
+        )
+        name = found[module][0]
+        positions = max(1, module.samples_seen // max(module.inputs_seen, 1))
+        layers.append(
+            LayerBudget(
+                name,
+                module.matrix_shape,
+                spectrum,
+                module.groups,
+                positions,
+                spec["min_rank"],
+                spec["max_rank"],
+            )  # fmt: skip
+        )
+        modules[name] = module
+    chosen = allocate(layers, spec["ratio"], spec["budget"], spec["round_to"])
+    return {modules[name]: rank for name, rank in chosen.items()}
+
+
+def _parallel_plans(
+    found: dict[nn.Module, list[str]],
+    method: str,
+    fold: dict[nn.Module, list[tuple[nn.Module, str]]],
+    options: dict,
+    progress: bool = True,
+) -> dict[nn.Module, tuple]:
+    """Solve every module from its own first-pass statistics (one input per layer)."""
+    plans: dict[nn.Module, tuple] = {}
+    for module in progress_bar(list(found), "recovering", progress):
+        if method != "svd" and module.samples_seen == 0:
+            plans[module] = ("dense", "saw no calibration data")
+            continue
+        start = time.perf_counter()
+        factors = module._solve(method, fold=bool(fold[module]), **options)
+        rank = factors[0].rank
+        if not module.saves_parameters(rank):
+            plans[module] = ("dense", f"rank {rank} for energy={module.energy} saves nothing")
+            continue
+        layers = module._factor_layers(factors)
+        seconds = time.perf_counter() - start
+        plans[module] = ("factors", factors, layers, seconds, bool(fold[module]))
+    return plans
+
+
+def recover_(
+    model: nn.Module,
+    *,
+    method: str = "relu",
+    data: Iterable[Any] | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Report:
+    """Recover every calibrating low-rank module of ``model``, all or nothing.
+
+    Every layer is solved first; only when all solves succeed are the factors written. A
+    module that saw no calibration data goes back to its original dense layer (with a warning),
+    as does a layer whose energy-chosen rank would save nothing. Layers ``convert`` left dense are
+    listed too. An eval BatchNorm found between a layer and its activation is folded into the
+    layer and replaced by ``nn.Identity``.
+
+    Args:
+        model: a model prepared by :func:`convert` and run on calibration data.
+        method: ``"relu"`` (default: activation-aware for layers followed by an activation,
+            ``linear`` for the others), ``"linear"`` (exact optimum of the pre-activations),
+            ``"svd"`` (weights only) or ``"nuclear"``. See the README for when to use which.
+        data: calibration batches for *corrective* recovery: every layer is solved, in the
+            order layers execute, from the compressed network's own input with the original
+            network's output as target, so it repairs the error of the layers before it. The
+            data is iterated twice per wave of layers (a list or a DataLoader, not a one-shot
+            iterator). Without ``data``: parallel recovery from each layer's first-pass
+            statistics.
+        forward_fn: how to run one batch (see :func:`default_forward`), with ``data``.
+        progress: a tqdm progress bar over layers (parallel) or waves (corrective), shown on an
+            interactive terminal; ``False`` never shows it.
+        **options: passed to the iterative solvers: ``optimizer`` (a ``torch.optim`` or
+            ``torch_optimizer`` class), ``lr``, ``max_iter``, ``tol``; ``lam`` for nuclear.
+
+    Returns:
+        a :class:`~torch_lowrank.report.Report` with one row per layer.
+
+    Raises:
+        ValueError: unknown method, or a layer's statistics hold NaN/Inf; the model is unchanged.
+
+    Example:
+        >>> import torch
+        >>> model = convert(nn.Sequential(nn.Linear(32, 32), nn.ReLU()), rank=4)
+        >>> _ = calibrate(model, [torch.randn(64, 32)])
+        >>> report = recover_(model)
+        >>> report["0"].rank
+        4
+    """
+    if method not in METHODS:
+        raise ValueError(
+            f"recover_: method must be one of {', '.join(METHODS)}\nbut got {method!r}"
+        )
+    found = {m: names for m, names in _low_rank_modules(model).items() if m.calibrating}
+    if not found:
+        warnings.warn(
+            "recover_: the model has no calibrating low-rank module; call convert() first",
+            stacklevel=2,
+        )
+    _settle_activations(model, found)
+    all_names: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        all_names.setdefault(module, []).append(name)
+    fold = {module: _batchnorm_places(model, module, all_names) for module in found}
+
+    # Phase 1: solve everything; nothing in the model changes here.
+    ranks = _global_ranks(model, found, fold)
+    kept_dense = {
+        m: ("dense", "global allocation keeps it dense") for m, r in ranks.items() if r is None
+    }
+    solve = {m: names for m, names in found.items() if m not in kept_dense}
+    try:
+        for module, r in ranks.items():
+            module.target_rank = r
+        if data is not None and method != "svd":
+            forward_fn = forward_fn or default_forward
+            plans, info = corrective_plans(
+                model, list(solve), data, method, forward_fn, fold, options, progress
+            )
+        else:
+            start = time.perf_counter()
+            plans = _parallel_plans(solve, method, fold, options, progress)
+            info = {"mode": "parallel", "seconds": time.perf_counter() - start}
+    except BaseException:
+        for module in ranks:
+            module.target_rank = None  # back to "chosen at recovery"
+        raise
+    plans.update(kept_dense)
+    if ranks:
+        info["allocation"] = dict(_ALLOCATIONS[model])
+
+    # Phase 2: write back (attribute assignments only).
+    rows: dict[nn.Module, LayerReport] = {}
+    for module, plan in plans.items():
+        if plan[0] == "dense":
+            dense = module.to_dense()
+            rows[module] = _dense_row(found[module][0], dense, plan[1])
+            if plan[1].startswith("saw no"):
+                warnings.warn(f"recover_: {module.layer_name} {plan[1]}; kept dense", stacklevel=2)
+            for name in found[module]:
+                if name:
+                    _replace(model, name, dense)
+            continue
+        _, factors, layers, seconds, folded = plan
+        rows[module] = module._report_row(factors, method, seconds, folded)
+        for parent, attr in fold[module] if folded else []:
+            setattr(parent, attr, nn.Identity())
+        module._install(layers)
+
+    by_name = {row.name: row for row in _SKIPPED.get(model, [])}
+    by_name.update({found[module][0]: row for module, row in rows.items()})
+    report = Report(info=info)
+    for name, module in model.named_modules():
+        row = by_name.get(name)
+        if row is not None and (row.method != "dense" or not isinstance(module, _LowRankBase)):
+            report.layers.append(row)
+    return report
+
+
+def compress(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    method: str = "relu",
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    corrective: bool = True,
+    options: dict | None = None,
+    progress: bool = True,
+    **convert_kwargs: Any,
+) -> tuple[nn.Module, Report]:
+    """Convert, calibrate on ``data`` and recover, in one call (corrective by default).
+
+    Args:
+        model: the trained model (changed in place).
+        data: calibration batches (see :func:`default_forward`): a list or a DataLoader.
+        method: the recovery method (see :func:`recover_`).
+        forward_fn: ``forward_fn(model, batch)`` runs one batch; defaults to
+            :func:`default_forward`.
+        corrective: recover correctively (``recover_(model, data=data)``); ``False``: parallel
+            recovery from the first pass, which iterates the data only once.
+        options: solver options passed to :func:`recover_` (``optimizer``, ``lr``, ...).
+        progress: tqdm progress bars on an interactive terminal (``False``: never).
+        **convert_kwargs: ``rank`` / ``ratio`` / ``energy``, ``include``, ``exclude``,
+            ``add_bias``, ``samples``, ``activation``, ``fold_batchnorm``, passed to
+            :func:`convert`.
+
+    Returns:
+        ``(model, report)``.
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        >>> batches = [torch.randn(128, 32) for _ in range(4)]
+        >>> model, report = compress(model, batches, ratio=0.25)
+        >>> [row.rank for row in report.layers]
+        [5, 5]
+    """
+    model = convert(model, **convert_kwargs)
+    calibrate(model, data, forward_fn, progress)
+    corrective_data = data if corrective else None
+    report = recover_(
+        model,
+        method=method,
+        data=corrective_data,
+        forward_fn=forward_fn,
+        progress=progress,
+        **(options or {}),
+    )
+    return model, report
