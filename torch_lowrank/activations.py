@@ -28,6 +28,7 @@ __all__ = [
     "ACTIVATIONS",
     "Activation",
     "FirstForwardDetector",
+    "batchnorm_affine",
     "resolve_activation",
     "static_activations",
 ]
@@ -384,3 +385,20 @@ class FirstForwardDetector:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def batchnorm_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as ``y = scale * x + offset`` per channel, in float64.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2).eval()
+        >>> scale, offset = batchnorm_affine(bn)
+        >>> x = torch.randn(4, 2)
+        >>> torch.allclose(x.double() * scale + offset, bn(x).double(), atol=1e-6)
+        True
+    """
+    var, mean = bn.running_var.detach().double(), bn.running_mean.detach().double()
+    gamma = torch.ones_like(var) if bn.weight is None else bn.weight.detach().double()
+    beta = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().double()
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale

@@ -22,16 +22,14 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from . import projected, solvers
-from .activations import Activation, paused, resolve_activation
+from . import solvers
+from .activations import Activation, batchnorm_affine, paused, resolve_activation
 from .report import LayerReport
 from .reservoir import Reservoir
+from .solve import METHODS, solve_layer
 from .stats import CovarianceStats, CrossStats
 
 __all__ = ["METHODS", "target_rank"]
-
-#: Recovery methods a module accepts. ``relu`` is activation-aware (whatever the activation).
-METHODS = ("relu", "linear", "svd", "nuclear")
 
 
 def _observe(module: _LowRankBase, args: tuple) -> None:
@@ -82,23 +80,6 @@ def target_rank(
             f"(rank 1 keeps {(m + n) / (m * n):.3f} of its parameters)"
         )
     return min(r, m, n)
-
-
-def batchnorm_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """An eval-mode BatchNorm as ``y = scale * x + offset`` per channel, in float64.
-
-    Example:
-        >>> bn = nn.BatchNorm1d(2).eval()
-        >>> scale, offset = batchnorm_affine(bn)
-        >>> x = torch.randn(4, 2)
-        >>> torch.allclose(x.double() * scale + offset, bn(x).double(), atol=1e-6)
-        True
-    """
-    var, mean = bn.running_var.detach().double(), bn.running_mean.detach().double()
-    gamma = torch.ones_like(var) if bn.weight is None else bn.weight.detach().double()
-    beta = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().double()
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return scale, beta - mean * scale
 
 
 def new_parameter(value: Tensor, like: Tensor) -> nn.Parameter:
@@ -306,71 +287,7 @@ class _LowRankBase(nn.Module):
         (``optimizer``, ``lr``, ``max_iter``, ``tol``; ``lam`` for ``nuclear``), except
         ``damping``, the corrective ridge weight (see :func:`solvers.corrective`).
         """
-        name = self.layer_name
-        if not self.calibrating:
-            raise RuntimeError(f"{name}: already recovered; recover_() runs once per module")
-        if method not in METHODS:
-            raise ValueError(
-                f"{name}: method must be one of {', '.join(METHODS)}\nbut got {method!r}"
-            )
-        seen = self.samples_seen if paired is None else paired[0][0].count
-        sources = self.stats if paired is None else [cross for cross, _ in paired]
-        if seen > 0 and not all(stats.is_finite() for stats in sources):
-            raise ValueError(
-                f"{name}: the calibration inputs contained NaN or Inf\n"
-                f"({seen} rows seen); the layer was left unchanged"
-            )
-        if method != "svd" and seen == 0:
-            raise ValueError(
-                f"{name}: saw no calibration data; run forward passes over calibration batches\n"
-                f"before recover_(method={method!r})"
-            )
-        damping = options.pop("damping", 1e-2)
-        activation = self.effective_activation(fold)
-        aware = method in ("relu", "nuclear") and activation is not None
-        if aware and (self.reservoirs if paired is None else paired[0][1]) is None:
-            raise ValueError(
-                f"{name}: method={method!r} needs sample rows, but the layer keeps none\n"
-                f"(samples=0); convert with samples > 0 or use method='linear'"
-            )
-
-        def solve_group(j: int, weight: Tensor, bias: Tensor | None, rank, energy):
-            stats = sources[j] if seen else None
-            if method == "svd":
-                moments = {}
-                if stats is not None:
-                    moments = {"mean": stats.mean, "cov": stats.covariance}
-                return solvers.svd(weight, bias, rank, energy, **moments)
-            if paired is None:
-                start = solvers.linear(
-                    weight, bias, stats.mean, stats.covariance, rank, energy, self.add_bias
-                )
-                rows, targets = (self.reservoirs[j].rows, None) if aware else (None, None)
-            else:
-                start = solvers.corrective(
-                    weight, bias, stats.mean_tilde, stats.covariance_tilde, stats.mean,
-                    stats.covariance, stats.cross, rank, energy, self.add_bias, damping,
-                )  # fmt: skip
-                if aware:
-                    both = paired[j][1].rows  # (k, 2n): [x~, x]
-                    rows, targets = both[:, : weight.shape[1]], both[:, weight.shape[1] :]
-            if not aware:
-                return start
-            if method == "nuclear":
-                return projected.nuclear(weight, bias, rows, start, target_rows=targets, **options)
-            spec = activation.name if activation.name in projected.ACTIVATIONS else activation.fn
-            return projected.activation_aware(
-                weight, bias, rows, start, spec, target_rows=targets, **options
-            )
-
-        matrices = self._weights(fold)
-        factors = [
-            solve_group(j, w, b, self.target_rank, self.energy) for j, (w, b) in enumerate(matrices)
-        ]
-        ranks = {f.rank for f in factors}
-        if len(ranks) > 1:  # different ranks per group (energy, nuclear): keep the largest
-            factors = [solve_group(j, w, b, max(ranks), None) for j, (w, b) in enumerate(matrices)]
-        return factors
+        return solve_layer(self, method, fold, paired, **options)
 
     def _install(self, layers: tuple[nn.Module, nn.Module]) -> None:
         """Enter the recovered phase with prepared factor layers ``(down, up)``."""
