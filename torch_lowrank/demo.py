@@ -129,8 +129,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="also compress with global allocation at the first ratio and save report.plot here",
+    )
     args = parser.parse_args(argv)
     run(tuple(args.ratios), seed=args.seed)
+    if args.plot:
+        x_train, y_train, _, _ = load_digits(args.seed)
+        model = train_mlp(x_train, y_train, seed=args.seed)
+        _, report = compress(
+            model, list(x_train.split(256)), ratio=args.ratios[0], allocation="global",
+            method="linear", corrective=False, progress=False,
+        )  # fmt: skip
+        report.plot(args.plot)
 
 
 if __name__ == "__main__":

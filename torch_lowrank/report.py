@@ -124,14 +124,15 @@ class Report:
         rows = [r for r in self.layers if r.spectrum and r.rank is not None]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
         for row in rows:
-            values = [max(v, 1e-300) for v in row.spectrum]
-            total = sum(values)
-            normalised = [v / total for v in values]
+            total = sum(row.spectrum) or 1.0
+            values = list(row.spectrum)
+            normalised = [max(v / total, 1e-12) for v in values]  # floor: exact zeros
             (line,) = left.semilogy(range(1, len(values) + 1), normalised, label=row.name)
             left.plot([row.rank], [normalised[row.rank - 1]], "o", color=line.get_color())
-            tail = [sum(values[r:]) / total for r in range(1, len(values) + 1)]
             per_rank = row.params_after / row.params_before / row.rank  # kept fraction per rank
-            kept = [r * per_rank for r in range(1, len(values) + 1)]
+            upto = max(row.rank, min(len(values), int(1 / per_rank)))  # up to break-even
+            tail = [sum(values[r:]) / total for r in range(1, upto + 1)]
+            kept = [r * per_rank for r in range(1, upto + 1)]
             right.plot(kept, tail, color=line.get_color())
             right.plot([kept[row.rank - 1]], [tail[row.rank - 1]], "o", color=line.get_color())
         left.set(xlabel="rank", ylabel="eigenvalue / total", title="output spectra, chosen ranks")
