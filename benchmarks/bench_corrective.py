@@ -107,6 +107,11 @@ def run(names: list[str], ratios: tuple[float, ...]) -> list[dict]:
                     rows.append({"workload": name, "ratio": ratio, "mode": mode,
                                  "method": method, "metric": label,
                                  "value": metric(compressed), "seconds": seconds})  # fmt: skip
+                    print(  # progress: the table comes at the end
+                        f"{name} ratio={ratio} {method} {mode}: {rows[-1]['value']:.4f} "
+                        f"({seconds:.1f} s)",
+                        flush=True,
+                    )
     return rows
 
 
