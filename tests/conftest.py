@@ -1,7 +1,10 @@
-"""Shared fixtures."""
+"""Shared fixtures and hypothesis settings."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +14,9 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# CI runs the same hypothesis examples every time (seeded); local runs explore new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

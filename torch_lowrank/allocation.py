@@ -120,7 +120,7 @@ def allocate(
     for index, (layer, top, gains) in enumerate(state):
         _push(heap, index, layer, ranks[layer.name], top, gains, round_to, budget)
     while heap:
-        _, index, step_cost = heapq.heappop(heap)
+        _, _, index, step_cost = heapq.heappop(heap)
         layer, top, gains = state[index]
         if spent + step_cost > allowed:
             continue  # this layer's next step does not fit; cheaper steps elsewhere may
@@ -135,7 +135,7 @@ def _push(heap, index, layer, rank, top, gains, round_to, budget) -> None:
         return
     gain = sum(gains[rank : rank + round_to])
     cost = round_to * layer.unit_cost(budget)
-    heapq.heappush(heap, (-gain / cost, index, cost))
+    heapq.heappush(heap, (-gain / cost, layer.name, index, cost))  # ties: by name, not order
 
 
 def budget_total(ranks: dict[str, int | None], layers: list[LayerBudget], budget: str) -> int:
