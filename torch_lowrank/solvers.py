@@ -99,19 +99,6 @@ def _descending_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return evals.flip(0).clamp_min(0.0), evecs.flip(1)
 
 
-def _orthonormal_columns(B: Tensor) -> Tensor:
-    """Orthonormalise ``B``, whose columns are mutually orthogonal in exact arithmetic.
-
-    Scaling each column to unit norm is exact and cheap; when some column is too small for that
-    to be accurate (its eigenvalue at rounding level), fall back to a QR factorisation, which
-    completes the basis with some orthonormal direction (it cannot increase the error).
-    """
-    norms = torch.linalg.vector_norm(B, dim=0)
-    if norms.min() > 1e-6 * norms.max():
-        return B / norms
-    return torch.linalg.qr(B).Q
-
-
 def output_spectrum(weight: Tensor, cov: Tensor) -> Tensor:
     """The descending eigenvalues of the output covariance ``W C W^T`` (``min(m, n)`` of them),
     computed in the smaller of the two spaces: what :func:`linear` keeps and drops.
@@ -231,6 +218,7 @@ def linear(
         spectrum, evecs = _descending_eigh(W @ moment @ W.T)  # (m,), (m, m)
         r = select_rank(spectrum, rank, energy)
         up = evecs[:, :r]
+        down = up.T @ W  # (r, n)
     else:
         # W C W^T = A A^T with A = W C^{1/2}; its top eigenvectors are the top left singular
         # vectors of A, found from the n x n matrix A^T A = C^{1/2} (W^T W) C^{1/2}.
@@ -239,8 +227,15 @@ def linear(
         gram = W.T @ W  # (n, n)
         spectrum, Q = _descending_eigh(half.T @ gram @ half)  # (n,), (n, n)
         r = select_rank(spectrum, rank, energy)
-        up = _orthonormal_columns(W @ (half @ Q[:, :r]))  # (m, r): A Q_r, normalised
-    down = up.T @ W  # (r, n)
+        directions = half @ Q[:, :r]  # (n, r)
+        B = W @ directions  # (m, r): A Q_r, orthogonal columns of norms sqrt(spectrum)
+        norms = torch.linalg.vector_norm(B, dim=0)
+        if norms.min() > 1e-6 * norms.max():
+            # up = B / norms, and down = up^T W = (directions^T W^T W) / norms: n-space work
+            up, down = B / norms, (directions.T @ gram) / norms[:, None]
+        else:  # rounding-level directions: orthonormalise and project explicitly
+            up = torch.linalg.qr(B).Q
+            down = up.T @ W
 
     if centred:
         new_bias = W @ mean - up @ (down @ mean)  # (W - Z) mu
