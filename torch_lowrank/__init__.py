@@ -17,9 +17,11 @@ Example:
 from .base import METHODS
 from .conv import LowRankConv1d, LowRankConv2d
 from .convert import calibrate, convert, default_forward
+from .finetune import finetune_, merge_
 from .linear import LowRankLinear
 from .recover import compress, recover_
 from .report import LayerReport, Report
+from .serialize import load_state_dict
 from .stats import CovarianceStats
 
 __version__ = "0.1.0"
@@ -36,5 +38,8 @@ __all__ = [
     "compress",
     "convert",
     "default_forward",
+    "finetune_",
+    "load_state_dict",
+    "merge_",
     "recover_",
 ]
