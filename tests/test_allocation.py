@@ -188,3 +188,17 @@ def test_report_plot_writes_an_image(tmp_path):
     path = tmp_path / "report.png"
     report.plot(str(path))
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rank_overrides_by_name_pattern():
+    torch.manual_seed(2)
+    low = torch.randn(512, 2) @ torch.randn(2, 32) + 0.01 * torch.randn(512, 32)
+    x = torch.cat([low, torch.randn(512, 32)], 1)
+    uniform = tl.convert(TwoBranches(), ratio=0.3, overrides={"a": 9})
+    assert uniform.a.rank == 9 and uniform.b.rank == 4
+    model = tl.convert(TwoBranches(), ratio=0.3, allocation="global", overrides={"a": 6})
+    tl.calibrate(model, [x])
+    report = tl.recover_(model, method="linear")
+    assert report["a"].rank == 6  # fixed, although its spectrum would give it 2
+    assert sum(row.rank * 64 for row in report.layers) <= 0.3 * 2 * 32 * 32
+    assert report["b"].rank == int(0.3 * 2 * 32 * 32) // 64 - 6

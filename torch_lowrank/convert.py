@@ -98,6 +98,7 @@ def convert(
     round_to: int = 1,
     min_rank: int = 1,
     max_rank: int | None = None,
+    overrides: dict[str, int] | None = None,
 ) -> nn.Module:
     """Swap every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` whose factorisation saves
     parameters for a calibrating low-rank module (:class:`~torch_lowrank.LowRankLinear`,
@@ -136,6 +137,8 @@ def convert(
             ``"flops"`` (multiply-accumulates; a conv counts its output positions).
         round_to: global allocation gives ranks that are multiples of this (e.g. 8).
         min_rank / max_rank: bounds on each rank under global allocation.
+        overrides: fnmatch pattern -> rank for the layers that must have that rank (the first
+            matching pattern wins); with global allocation the others share the rest.
 
     Returns:
         ``model`` (a low-rank module when ``model`` itself is a single layer). Layers already
@@ -191,8 +194,15 @@ def convert(
             skipped.append(_dense_row(name, module, "depthwise conv stays dense"))
             continue
         m, n = low_rank.matrix_shape_of(module)
+        fixed = next(
+            (r for p, r in (overrides or {}).items() if fnmatch.fnmatchcase(name, p)), None
+        )
         try:
-            r = target_rank((m, n), rank if rank is None else min(rank, m, n), ratio, energy, name)
+            if fixed is not None:
+                r = target_rank((m, n), fixed, None, None, name)
+            else:
+                spec_rank = rank if rank is None else min(rank, m, n)
+                r = target_rank((m, n), spec_rank, ratio, energy, name)
         except ValueError as err:
             skipped.append(_dense_row(name, module, str(err).splitlines()[0].split(": ", 1)[-1]))
             continue
@@ -210,7 +220,7 @@ def convert(
             samples=samples,
             activation=spec,
         )
-        if global_ratio is not None:
+        if global_ratio is not None and fixed is None:
             new.target_rank = None  # chosen at recovery by global allocation
         swapped[module] = new
         if name:

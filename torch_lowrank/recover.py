@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from . import solvers
@@ -94,6 +95,15 @@ def _global_ranks(
     if spec is None or not pending:
         return {}
     layers, modules = [], {}
+    for module in found:  # layers with a fixed rank (overrides) spend their share first
+        if module not in pending and module.target_rank is not None and module.samples_seen:
+            m, n = module.matrix_shape
+            spectrum = torch.zeros(min(m, n), dtype=torch.float64)
+            spectrum[0] = 1.0
+            r = module.target_rank
+            layers.append(LayerBudget(found[module][0], (m, n), spectrum, module.groups,
+                                      max(1, module.samples_seen // max(module.inputs_seen, 1)),
+                                      r, r))  # fmt: skip
     for module in pending:
         if module.samples_seen == 0:
             continue  # goes back to dense: saw no data
@@ -117,7 +127,7 @@ def _global_ranks(
         )
         modules[name] = module
     chosen = allocate(layers, spec["ratio"], spec["budget"], spec["round_to"])
-    return {modules[name]: rank for name, rank in chosen.items()}
+    return {modules[name]: rank for name, rank in chosen.items() if name in modules}
 
 
 def _parallel_plans(
