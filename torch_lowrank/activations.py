@@ -235,13 +235,9 @@ def _decide(uses: list[tuple]) -> Observed:
     if func is F.batch_norm:
         if len(after_bn) == 1 and after_bn[0][3] == 0:
             return Observed(_call_activation(*after_bn[0][:3]), after_bn[0][4])
-        return Observed(None, direct_bn(uses))
+        # Several consumers after the BatchNorm: fold it all the same (exact), no activation.
+        return Observed(None, after_bn[0][4] if after_bn else None)
     return Observed(_call_activation(func, args, kwargs))
-
-
-def direct_bn(uses: list[tuple]) -> nn.Module | None:
-    """The BatchNorm a layer's output went through, if its output's only consumer was one."""
-    return next((u[4] for u in uses if u[4] is not None), None)
 
 
 #: The recorder of the forward in progress, if any (the calibration hooks pause it).
