@@ -95,37 +95,25 @@ def _global_ranks(
     if spec is None or not pending:
         return {}
     layers, modules = [], {}
-    for module in found:  # layers with a fixed rank (overrides) spend their share first
-        if module not in pending and module.target_rank is not None and module.samples_seen:
-            m, n = module.matrix_shape
+    for module in found:
+        if module.samples_seen == 0 or (module not in pending and module.target_rank is None):
+            continue  # no data: goes back to dense; energy-chosen ranks are not allocated
+        m, n = module.matrix_shape
+        name = found[module][0]
+        if module in pending:
+            weights = module._weights(bool(fold[module]))
+            spectrum = sum(
+                solvers.output_spectrum(w, stats.covariance)
+                for (w, _), stats in zip(weights, module.stats)
+            )
+            low, high = spec["min_rank"], spec["max_rank"]
+            modules[name] = module
+        else:  # a fixed rank (overrides) spends its share of the budget first
             spectrum = torch.zeros(min(m, n), dtype=torch.float64)
             spectrum[0] = 1.0
-            r = module.target_rank
-            layers.append(LayerBudget(found[module][0], (m, n), spectrum, module.groups,
-                                      max(1, module.samples_seen // max(module.inputs_seen, 1)),
-                                      r, r))  # fmt: skip
-    for module in pending:
-        if module.samples_seen == 0:
-            continue  # goes back to dense: saw no data
-        weights = module._weights(bool(fold[module]))
-        spectrum = sum(
-            solvers.output_spectrum(w, stats.covariance)
-            for (w, _), stats in zip(weights, module.stats)
-        )
-        name = found[module][0]
+            low = high = module.target_rank
         positions = max(1, module.samples_seen // max(module.inputs_seen, 1))
-        layers.append(
-            LayerBudget(
-                name,
-                module.matrix_shape,
-                spectrum,
-                module.groups,
-                positions,
-                spec["min_rank"],
-                spec["max_rank"],
-            )  # fmt: skip
-        )
-        modules[name] = module
+        layers.append(LayerBudget(name, (m, n), spectrum, module.groups, positions, low, high))
     chosen = allocate(layers, spec["ratio"], spec["budget"], spec["round_to"])
     return {modules[name]: rank for name, rank in chosen.items() if name in modules}
 
