@@ -20,13 +20,15 @@ This is not GPTQ-style "sequential" calibration, which feeds ``x~`` but targets 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .blocks import BlockCache, find_chains
 from .reservoir import Reservoir
 from .stats import CrossStats
 
@@ -81,45 +83,49 @@ def schedule(
     return waves + ([never] if never else [])
 
 
+@contextmanager
+def _mode(
+    solved: list[nn.Module],
+    folded: dict[nn.Module, list[tuple[nn.Module, str]]],
+    compressed: bool,
+) -> Iterator[None]:
+    """Run the model as the compressed network (``solved`` modules use their staged factors and
+    the BatchNorms folded into them are bypassed) or, when not ``compressed``, as the original."""
+    bypassed = [place for m in solved for place in folded.get(m, [])] if compressed else []
+    originals = [getattr(parent, attr) for parent, attr in bypassed]
+    try:
+        for module in solved if compressed else []:
+            module.run_staged = True
+        for parent, attr in bypassed:
+            setattr(parent, attr, nn.Identity())
+        yield
+    finally:
+        for module in solved:
+            module.run_staged = False
+        for (parent, attr), original in zip(bypassed, originals):
+            setattr(parent, attr, original)
+
+
 @torch.no_grad()
 def _accumulate_wave(
-    model: nn.Module,
-    wave: list[nn.Module],
-    solved: list[nn.Module],
-    data: Iterable[Any],
-    forward_fn: Callable,
-    with_samples: bool,
-    folded: dict[nn.Module, list[tuple[nn.Module, str]]],
-) -> tuple[dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]], int]:
-    """Run the data through the original and the compressed model, pairing the wave's inputs.
+    wave: list[nn.Module], runs: Iterable[Callable[[bool], Any]], with_samples: bool
+) -> dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]]:
+    """Pair the wave's inputs in the original and the compressed network, batch by batch.
 
-    ``folded`` maps a solved module to the (parent, attribute) places of the BatchNorm folded
-    into its factors; the compressed pass bypasses those BatchNorms."""
+    Each of ``runs`` runs one batch (through the whole model or through the wave's block) as
+    the original network (``run(False)``) or as the compressed one (``run(True)``)."""
     paired: dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]] = {}
-    passes = 0
-    for batch in data:
-        inputs: dict[str, dict[nn.Module, list[Tensor]]] = {}
-        for mode in ("original", "compressed"):
-            compressed = mode == "compressed"
-            bypassed = [place for m in solved for place in folded.get(m, [])] if compressed else []
+    for run in runs:
+        inputs: dict[bool, dict[nn.Module, list[Tensor]]] = {}
+        for compressed in (False, True):
             store: dict[nn.Module, list[Tensor]] = {m: [] for m in wave}
             handles = _capture(wave, store)
-            originals = [getattr(parent, attr) for parent, attr in bypassed]
             try:
-                for module in solved:
-                    module.run_staged = compressed
-                for parent, attr in bypassed:
-                    setattr(parent, attr, nn.Identity())
-                forward_fn(model, batch)
+                run(compressed)
             finally:
                 for handle in handles:
                     handle.remove()
-                for module in solved:
-                    module.run_staged = False
-                for (parent, attr), original in zip(bypassed, originals):
-                    setattr(parent, attr, original)
-            inputs[mode] = store
-            passes += 1
+            inputs[compressed] = store
         for module in wave:
             n, groups = module.matrix_shape[1], module.groups
             if module not in paired:
@@ -127,14 +133,32 @@ def _accumulate_wave(
                     (CrossStats(n), Reservoir(module.samples) if with_samples else None)
                     for _ in range(groups)
                 ]
-            for x, x_tilde in zip(inputs["original"][module], inputs["compressed"][module]):
+            for x, x_tilde in zip(inputs[False][module], inputs[True][module]):
                 for rows, rows_tilde in zip(module._row_chunks(x), module._row_chunks(x_tilde)):
                     for j, (cross, reservoir) in enumerate(paired[module]):
                         part = slice(j * n, (j + 1) * n) if groups > 1 else slice(None)
                         cross.update(rows_tilde[:, part], rows[:, part])
                         if reservoir is not None:
                             reservoir.update(torch.cat([rows_tilde[:, part], rows[:, part]], 1))
-    return paired, passes
+    return paired
+
+
+def _whole_model(
+    model: nn.Module,
+    batch: Any,
+    forward_fn: Callable,
+    solved: list[nn.Module],
+    folded: dict[nn.Module, list[tuple[nn.Module, str]]],
+    counts: dict[str, int],
+) -> Callable[[bool], None]:
+    """A run (see :func:`_accumulate_wave`) of one batch through the whole model."""
+
+    def run(compressed: bool) -> None:
+        with _mode(solved, folded, compressed):
+            forward_fn(model, batch)
+        counts["forward"] += 1
+
+    return run
 
 
 def corrective_plans(
@@ -146,11 +170,14 @@ def corrective_plans(
     fold: dict[nn.Module, list[tuple[nn.Module, str]]],
     options: dict,
     progress: bool = True,
+    cache_blocks: bool = True,
 ) -> tuple[dict[nn.Module, tuple], dict]:
     """Solve ``modules`` correctively, wave by wave; returns the plans for
     :func:`~torch_lowrank.convert.recover_` to install, and run information (waves, forward
-    passes, seconds). ``fold`` maps a module to the places of the BatchNorm to fold into it
-    (empty: no folding). Nothing is installed here; staged factors are cleared on the way out."""
+    passes, block passes, seconds). ``fold`` maps a module to the places of the BatchNorm to
+    fold into it (empty: no folding). With ``cache_blocks``, a wave inside a chain of blocks
+    (:mod:`torch_lowrank.blocks`) runs only its block on cached inputs; other waves run the
+    whole model. Nothing is installed here; staged factors are cleared on the way out."""
     if iter(data) is data:
         raise TypeError(
             "recover_: corrective recovery iterates the calibration data several times\n"
@@ -162,18 +189,26 @@ def corrective_plans(
         raise ValueError("recover_: the calibration data is empty")
     plans: dict[nn.Module, tuple] = {}
     solved: list[nn.Module] = []
-    passes = 1
+    counts = {"forward": 1}  # the schedule's pass
     paused = [(m, m.accumulating) for m in modules]
     for module, _ in paused:
         module.accumulating = False
     try:
         waves = schedule(model, modules, first, forward_fn)
+        where, chain_passes = ({}, 0)
+        if cache_blocks:
+            where, chain_passes = find_chains(model, modules, first, forward_fn)
+        counts["forward"] += chain_passes
+        cache = BlockCache(model, data, forward_fn, lambda c: _mode(solved, fold, c))
         for wave in tqdm(waves, desc="corrective waves", disable=None if progress else True):
+            places = [where.get(m) for m in wave]
+            if all(p is not None and p[0] is places[0][0] and p[1] == places[0][1] for p in places):
+                cache.seek(*places[0])
+                runs = cache.runs()
+            else:
+                runs = (_whole_model(model, b, forward_fn, solved, fold, counts) for b in data)
             needs_rows = method in ("relu", "nuclear")
-            paired, wave_passes = _accumulate_wave(
-                model, wave, solved, data, forward_fn, needs_rows, fold
-            )
-            passes += wave_passes
+            paired = _accumulate_wave(wave, runs, needs_rows)
             for module in wave:
                 solve_start = time.perf_counter()
                 if module not in paired or paired[module][0][0].count == 0:
@@ -201,7 +236,8 @@ def corrective_plans(
     info = {
         "mode": "corrective",
         "waves": len(waves),
-        "forward_passes": passes,
+        "forward_passes": counts["forward"] + cache.forward_passes,
+        "block_passes": cache.block_passes,
         "seconds": time.perf_counter() - start,
     }
     return plans, info

@@ -150,6 +150,7 @@ def recover_(
     data: Iterable[Any] | None = None,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
+    cache_blocks: bool = True,
     **options: Any,
 ) -> Report:
     """Recover every calibrating low-rank module of ``model``, all or nothing.
@@ -174,6 +175,11 @@ def recover_(
         forward_fn: how to run one batch (see :func:`default_forward`), with ``data``.
         progress: a tqdm progress bar over layers (parallel) or waves (corrective), shown on an
             interactive terminal; ``False`` never shows it.
+        cache_blocks: in corrective recovery, cache the inputs of each block of a chain of
+            blocks (an ``nn.Sequential`` or ``nn.ModuleList`` whose children feed each other,
+            such as transformer layers) so that a wave runs only its block, not the whole
+            model; chains are checked on the first batch. ``False``: every wave runs the whole
+            model (same result, more compute).
         **options: passed to the iterative solvers: ``optimizer`` (a ``torch.optim`` or
             ``torch_optimizer`` class), ``lr``, ``max_iter``, ``tol``; ``lam`` for nuclear.
 
@@ -219,7 +225,7 @@ def recover_(
         if data is not None and method != "svd":
             forward_fn = forward_fn or default_forward
             plans, info = corrective_plans(
-                model, list(solve), data, method, forward_fn, fold, options, progress
+                model, list(solve), data, method, forward_fn, fold, options, progress, cache_blocks
             )
         else:
             start = time.perf_counter()
