@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .activations import FirstForwardDetector
 from .base import _LowRankBase, target_rank
 from .conv import LowRankConv1d, LowRankConv2d
+from .families import DEFAULT_EXCLUDE, adapt, forward_kwargs, tied_weights
 from .linear import LowRankLinear
 from .report import LayerReport
 
@@ -68,7 +69,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def _dense_row(name: str, module: nn.Module, note: str) -> LayerReport:
     params = sum(p.numel() for p in module.parameters())
     return LayerReport(
-        name, tuple(module.weight.shape), None, params, params, 0.0, "dense", 0.0, note
+        name, tuple(adapt(module).weight.shape), None, params, params, 0.0, "dense", 0.0, note
     )
 
 
@@ -103,6 +104,8 @@ def convert(
     """Swap every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` whose factorisation saves
     parameters for a calibrating low-rank module (:class:`~torch_lowrank.LowRankLinear`,
     :class:`~torch_lowrank.LowRankConv1d`, :class:`~torch_lowrank.LowRankConv2d`), in place.
+    Layers of other libraries that are one of these in disguise (Hugging Face GPT-2's
+    ``Conv1D``) are converted too (:mod:`torch_lowrank.families`).
 
     Args:
         model: any ``nn.Module``; nested modules, ``Sequential``, ``ModuleList`` and ``ModuleDict``
@@ -116,7 +119,9 @@ def convert(
             per layer at recovery.
         include: fnmatch pattern(s) on qualified module names, or ``callable(name, module)``; only
             matching layers are converted.
-        exclude: the same; matching layers stay dense.
+        exclude: the same; matching layers stay dense. ``None`` (default) excludes output
+            heads named ``lm_head``; ``[]`` excludes nothing. Layers whose weight is tied to
+            another module's (a head sharing the embedding) always stay dense.
         add_bias: see :meth:`LowRankLinear.from_linear`.
         samples: rows each layer keeps in a uniform random reservoir for the activation-aware
             methods (per group); 0 keeps none.
@@ -170,30 +175,35 @@ def convert(
     skipped: list[LayerReport] = []
     used_patterns: set[str] = set()
     root = model
+    tied = tied_weights(model)
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if any(name.startswith(prefix) for prefix in inside):
             continue
         if isinstance(module, _LowRankBase):
             inside.append(f"{name}." if name else "")
             continue
-        low_rank = next((lr for dense, lr in _REPLACEMENTS if isinstance(module, dense)), None)
-        if low_rank is None:
-            continue
         if module in swapped:  # the same layer under a second name
             _replace(model, name, swapped[module])
+            continue
+        standard = adapt(module)  # e.g. GPT-2's Conv1D as the nn.Linear it is
+        low_rank = next((lr for dense, lr in _REPLACEMENTS if isinstance(standard, dense)), None)
+        if low_rank is None:
             continue
         if include is not None:
             hits = [p for p in _patterns(include) if fnmatch.fnmatchcase(name, p)]
             used_patterns.update(hits)
             if not _matches(include, name, module):
                 continue
-        if exclude is not None and _matches(exclude, name, module):
+        if _matches(DEFAULT_EXCLUDE if exclude is None else exclude, name, module):
             skipped.append(_dense_row(name, module, "excluded"))
+            continue
+        if module in tied:
+            skipped.append(_dense_row(name, module, f"weight tied to {tied[module]}"))
             continue
         if getattr(module, "groups", 1) > 1 and module.in_channels == module.groups:
             skipped.append(_dense_row(name, module, "depthwise conv stays dense"))
             continue
-        m, n = low_rank.matrix_shape_of(module)
+        m, n = low_rank.matrix_shape_of(standard)
         fixed = next(
             (r for p, r in (overrides or {}).items() if fnmatch.fnmatchcase(name, p)), None
         )
@@ -212,7 +222,7 @@ def convert(
             continue
         spec = activation.get(name, "auto") if isinstance(activation, Mapping) else activation
         new = low_rank.from_dense(
-            module,
+            standard,
             rank=r,
             energy=energy,
             add_bias=add_bias,
@@ -272,13 +282,14 @@ def _move(value: Any, device: torch.device | None) -> Any:
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """Run one calibration batch: a tensor is the input; a mapping is passed as keyword
     arguments; a tuple or list is ``(inputs, targets, ...)`` and only ``inputs`` is used.
-    Tensors are moved to the model's device."""
+    Tensors are moved to the model's device. Hugging Face models get ``use_cache=False``."""
     device = _model_device(model)
+    extra = forward_kwargs(model)  # use_cache=False for Hugging Face models
     if isinstance(batch, Mapping):
-        return model(**{k: _move(v, device) for k, v in batch.items()})
+        return model(**{**extra, **{k: _move(v, device) for k, v in batch.items()}})
     if isinstance(batch, (tuple, list)):
-        return model(_move(batch[0], device))
-    return model(_move(batch, device))
+        return model(_move(batch[0], device), **extra)
+    return model(_move(batch, device), **extra)
 
 
 def calibrate(

@@ -1,0 +1,114 @@
+"""Hugging Face model families (tiny random models built from configs, no downloads) and the
+registry in torch_lowrank/families.py."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torch_lowrank as tl
+from torch_lowrank.families import adapt, forward_kwargs, tied_weights
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def gpt2():
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def bert():
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.BertModel(config)
+
+
+def llama():
+    config = transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+FAMILIES = {"gpt2": gpt2, "bert": bert, "llama": llama}
+
+
+def batches(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, VOCAB, (4, 16), generator=gen)} for _ in range(n)]
+
+
+def output(model, batch):
+    with torch.no_grad():
+        out = model(**batch, use_cache=False) if hasattr(model, "lm_head") else model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def build(family):
+    torch.manual_seed(0)
+    return FAMILIES[family]().eval()
+
+
+def test_conv1d_is_adapted_as_the_linear_it_is():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(24, 16)  # nf=24 outputs, nx=16 inputs; weight (16, 24)
+    nn.init.normal_(layer.bias)
+    linear = adapt(layer)
+    assert isinstance(linear, nn.Linear) and linear.weight.shape == (24, 16)
+    assert linear.weight.data_ptr() == layer.weight.data_ptr()  # a view, not a copy
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(linear(x), layer(x))
+
+
+def test_tied_head_and_default_exclusions():
+    model = build("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert tied_weights(model)[model.lm_head] == "transformer.wte"
+    assert forward_kwargs(model) == {"use_cache": False} and forward_kwargs(nn.Linear(2, 2)) == {}
+    # even when lm_head is not excluded by name, its tie keeps it dense
+    tl.convert(model, ratio=0.5, exclude=[])
+    assert type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converts_in_one_line_and_recovers_with_every_method(family):
+    """Every block projection (GPT-2's Conv1D included) is compressed, lm_head and embeddings
+    are left alone, and every method gives a working model with fewer parameters; the
+    data-driven methods beat weight SVD on held-out tokens, and corrective recovery runs
+    block by block."""
+    dense = build(family)
+    data, held_out = batches(6, seed=1), batches(1, seed=2)[0]
+    expected = output(dense, held_out)
+    n_before = sum(p.numel() for p in dense.parameters())
+    errors = {}
+    for method in tl.METHODS:
+        model = copy.deepcopy(dense)
+        options = {"max_iter": 30} if method in ("relu", "nuclear") else {}
+        _, report = tl.compress(
+            model, data, ratio=0.5, method=method, options=options, progress=False
+        )
+        low_rank = [m for m in model.modules() if isinstance(m, tl.LowRankLinear)]
+        names = [row.name for row in report.layers if row.method != "dense"]
+        assert len(low_rank) == len(names) == {"gpt2": 8, "bert": 13, "llama": 14}[family]
+        assert not any("lm_head" in name or "embed" in name or "wte" in name for name in names)
+        if family == "gpt2":
+            assert model.lm_head.weight is model.transformer.wte.weight
+        assert sum(p.numel() for p in model.parameters()) < n_before
+        got = output(model, held_out)
+        assert torch.isfinite(got).all()
+        errors[method] = ((got - expected).norm() / expected.norm()).item()
+        if method != "svd":
+            assert report.info["mode"] == "corrective" and report.info["block_passes"] > 0
+    assert errors["linear"] < errors["svd"] and errors["relu"] < errors["svd"], errors
