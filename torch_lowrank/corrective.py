@@ -19,6 +19,7 @@ This is not GPTQ-style "sequential" calibration, which feeds ``x~`` but targets 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -28,8 +29,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .blocks import BlockCache, find_chains
 from .reservoir import Reservoir
+from .solve import plan_layer
 from .stats import CrossStats
 
 __all__ = ["schedule", "corrective_plans"]
@@ -143,6 +146,46 @@ def _accumulate_wave(
     return paired
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a calibrating module's dense weight."""
+    return module._matrices()[0][0].device
+
+
+def solve_cost(module: nn.Module) -> float:
+    """A layer's solve cost estimate, for sharing solves between ranks: ``groups m n min(m, n)``."""
+    m, n = module.matrix_shape
+    return float(module.groups * m * n * min(m, n))
+
+
+def _reduced(
+    module: nn.Module, pairs: list[tuple[CrossStats, Reservoir | None]] | None, with_samples: bool
+) -> list[tuple[CrossStats, Reservoir | None]]:
+    """``pairs`` summed over every rank (collective; ``None``: this rank saw no data)."""
+    n, device = module.matrix_shape[1], device_of(module)
+    out = []
+    for j in range(module.groups):
+        cross, reservoir = pairs[j] if pairs is not None else (None, None)
+        merged = distributed.reduce_cross(cross, n, device)
+        if with_samples:
+            reservoir = distributed.reduce_reservoir(reservoir, module.samples, 2 * n, device)
+        out.append((merged, reservoir))
+    return out
+
+
+def _plan(
+    module: nn.Module,
+    *,
+    paired: dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]],
+    method: str,
+    fold: dict[nn.Module, list[tuple[nn.Module, str]]],
+    options: dict,
+) -> tuple:
+    """One layer's corrective plan (see :func:`~torch_lowrank.solve.plan_layer`)."""
+    if module not in paired:
+        return ("dense", "saw no calibration data")
+    return plan_layer(module, method, bool(fold[module]), options, paired[module])
+
+
 def _whole_model(
     model: nn.Module,
     batch: Any,
@@ -209,26 +252,22 @@ def corrective_plans(
                 runs = (_whole_model(model, b, forward_fn, solved, fold, counts) for b in data)
             needs_rows = method in ("relu", "nuclear")
             paired = _accumulate_wave(wave, runs, needs_rows)
-            for module in wave:
-                solve_start = time.perf_counter()
-                if module not in paired or paired[module][0][0].count == 0:
-                    plans[module] = ("dense", "saw no calibration data")
-                    continue
-                factors = module._solve(
-                    method, fold=bool(fold[module]), paired=paired[module], **options
-                )
-                rank = factors[0].rank
-                if not module.saves_parameters(rank):
-                    plans[module] = (
-                        "dense",
-                        f"rank {rank} for energy={module.energy} saves nothing",
-                    )
-                    continue
-                layers = module._factor_layers(factors)
-                module.staged = layers
-                solved.append(module)
-                seconds = time.perf_counter() - solve_start
-                plans[module] = ("factors", factors, layers, seconds, bool(fold[module]))
+            if distributed.active():  # every rank saw a shard: sum the pairs of all ranks
+                paired = {m: _reduced(m, paired.get(m), needs_rows) for m in wave}
+
+            solve = functools.partial(
+                _plan, paired=paired, method=method, fold=fold, options=options
+            )
+            if distributed.active():
+                costs = [solve_cost(m) for m in wave]
+                wave_plans = distributed.solve_shared(wave, solve, costs, device_of)
+            else:
+                wave_plans = {module: solve(module) for module in wave}
+            for module, plan in wave_plans.items():
+                plans[module] = plan
+                if plan[0] == "factors":
+                    module.staged = plan[2]
+                    solved.append(module)
     finally:
         for module, state in paused:
             module.accumulating = state

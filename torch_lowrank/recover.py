@@ -9,16 +9,18 @@ Every layer is solved before any is written, so a failure leaves the model as it
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from . import solvers
+from . import distributed, solvers
 from .activations import static_activations
 from .allocation import LayerBudget, allocate
 from .base import METHODS, _LowRankBase
@@ -35,8 +37,9 @@ from .convert import (
     default_forward,
     progress_bar,
 )
-from .corrective import corrective_plans
+from .corrective import corrective_plans, device_of, solve_cost
 from .report import LayerReport, Report
+from .solve import plan_layer
 
 __all__ = ["recover_", "compress"]
 
@@ -125,22 +128,49 @@ def _parallel_plans(
     options: dict,
     progress: bool = True,
 ) -> dict[nn.Module, tuple]:
-    """Solve every module from its own first-pass statistics (one input per layer)."""
-    plans: dict[nn.Module, tuple] = {}
-    for module in progress_bar(list(found), "recovering", progress):
-        if method != "svd" and module.samples_seen == 0:
-            plans[module] = ("dense", "saw no calibration data")
-            continue
-        start = time.perf_counter()
-        factors = module._solve(method, fold=bool(fold[module]), **options)
-        rank = factors[0].rank
-        if not module.saves_parameters(rank):
-            plans[module] = ("dense", f"rank {rank} for energy={module.energy} saves nothing")
-            continue
-        layers = module._factor_layers(factors)
-        seconds = time.perf_counter() - start
-        plans[module] = ("factors", factors, layers, seconds, bool(fold[module]))
-    return plans
+    """Solve every module from its own first-pass statistics (one input per layer); with
+    several ranks, the solves are shared out (:mod:`torch_lowrank.distributed`)."""
+    modules = list(found)
+    if distributed.active():
+        costs = [solve_cost(m) for m in modules]
+        solve = functools.partial(_plan_parallel, method=method, fold=fold, options=options)
+        return distributed.solve_shared(modules, solve, costs, device_of)
+    return {
+        m: plan_layer(m, method, bool(fold[m]), options)
+        for m in progress_bar(modules, "recovering", progress)
+    }
+
+
+def _plan_parallel(module: nn.Module, *, method: str, fold: dict, options: dict) -> tuple:
+    return plan_layer(module, method, bool(fold[module]), options)
+
+
+@contextmanager
+def _summed_over_ranks(found: dict[nn.Module, list[str]]) -> Iterator[None]:
+    """With several ranks, give every module the first-pass statistics and reservoirs of all
+    ranks for the duration; the module's own come back if recovery fails (collective)."""
+    if not distributed.active():
+        yield
+        return
+    own = {m: (m.stats, m.reservoirs, m.inputs_seen) for m in found}
+    try:
+        for module in found:
+            n, device = module.matrix_shape[1], device_of(module)
+            inputs = torch.tensor([float(module.inputs_seen)], device=device)
+            torch.distributed.all_reduce(inputs)
+            module.inputs_seen = int(inputs.item())
+            stats = module.stats or [None] * module.groups
+            module.stats = [distributed.reduce_covariance(s, n, device) for s in stats]
+            if module.samples:
+                reservoirs = module.reservoirs or [None] * module.groups
+                module.reservoirs = [
+                    distributed.reduce_reservoir(r, module.samples, n, device) for r in reservoirs
+                ]
+        yield
+    except BaseException:
+        for module, (stats, reservoirs, inputs) in own.items():
+            module.stats, module.reservoirs, module.inputs_seen = stats, reservoirs, inputs
+        raise
 
 
 def recover_(
@@ -214,27 +244,33 @@ def recover_(
     fold = {module: _batchnorm_places(model, module, all_names) for module in found}
 
     # Phase 1: solve everything; nothing in the model changes here.
-    ranks = _global_ranks(model, found, fold)
-    kept_dense = {
-        m: ("dense", "global allocation keeps it dense") for m, r in ranks.items() if r is None
-    }
-    solve = {m: names for m, names in found.items() if m not in kept_dense}
+    ranks: dict[nn.Module, int | None] = {}
     try:
-        for module, r in ranks.items():
-            module.target_rank = r
-        if data is not None and method != "svd":
-            forward_fn = forward_fn or default_forward
-            plans, info = corrective_plans(
-                model, list(solve), data, method, forward_fn, fold, options, progress, cache_blocks
-            )
-        else:
-            start = time.perf_counter()
-            plans = _parallel_plans(solve, method, fold, options, progress)
-            info = {"mode": "parallel", "seconds": time.perf_counter() - start}
+        with _summed_over_ranks(found):
+            ranks = _global_ranks(model, found, fold)
+            kept_dense = {
+                m: ("dense", "global allocation keeps it dense")
+                for m, r in ranks.items()
+                if r is None
+            }
+            solve = {m: names for m, names in found.items() if m not in kept_dense}
+            for module, r in ranks.items():
+                module.target_rank = r
+            if data is not None and method != "svd":
+                plans, info = corrective_plans(
+                    model, list(solve), data, method, forward_fn or default_forward, fold,
+                    options, progress, cache_blocks,
+                )  # fmt: skip
+            else:
+                start = time.perf_counter()
+                plans = _parallel_plans(solve, method, fold, options, progress)
+                info = {"mode": "parallel", "seconds": time.perf_counter() - start}
     except BaseException:
         for module in ranks:
             module.target_rank = None  # back to "chosen at recovery"
         raise
+    if distributed.active():
+        info["world_size"] = torch.distributed.get_world_size()
     plans.update(kept_dense)
     if ranks:
         info["allocation"] = dict(_ALLOCATIONS[model])

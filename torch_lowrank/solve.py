@@ -7,13 +7,15 @@ A pure dispatch from a calibrating module's statistics to the solver functions o
 
 from __future__ import annotations
 
+import time
+
 from torch import Tensor
 
 from . import projected, solvers
 from .reservoir import Reservoir
 from .stats import CrossStats
 
-__all__ = ["METHODS", "solve_layer"]
+__all__ = ["METHODS", "solve_layer", "plan_layer"]
 
 #: Recovery methods a module accepts. ``relu`` is activation-aware (whatever the activation).
 METHODS = ("relu", "linear", "svd", "nuclear")
@@ -102,3 +104,27 @@ def solve_layer(
     if len(ranks) > 1:  # different ranks per group (energy, nuclear): keep the largest
         factors = [solve_group(j, w, b, max(ranks), None) for j, (w, b) in enumerate(matrices)]
     return factors
+
+
+def plan_layer(
+    module,
+    method: str,
+    fold: bool,
+    options: dict,
+    paired: list[tuple[CrossStats, Reservoir | None]] | None = None,
+) -> tuple:
+    """Solve one calibrating layer without changing it, for model-level recovery.
+
+    Returns ``("dense", reason)`` when the layer saw no data (except for ``svd``) or its
+    energy-chosen rank saves nothing, else ``("factors", factors, (down, up), seconds, fold)``.
+    ``paired`` switches to corrective recovery (see :func:`solve_layer`)."""
+    start = time.perf_counter()
+    seen = module.samples_seen if paired is None else paired[0][0].count
+    if method != "svd" and seen == 0:
+        return ("dense", "saw no calibration data")
+    factors = module._solve(method, fold=fold, paired=paired, **options)
+    rank = factors[0].rank
+    if not module.saves_parameters(rank):
+        return ("dense", f"rank {rank} for energy={module.energy} saves nothing")
+    layers = module._factor_layers(factors)
+    return ("factors", factors, layers, time.perf_counter() - start, fold)
