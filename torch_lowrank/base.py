@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from . import solvers
 from .activations import Activation, batchnorm_affine, paused, resolve_activation
@@ -82,10 +83,11 @@ def target_rank(
     return min(r, m, n)
 
 
-def new_parameter(value: Tensor, like: Tensor) -> nn.Parameter:
-    """``value`` as a parameter with the dtype, device and ``requires_grad`` of ``like``."""
+def new_parameter(value: Tensor, like: Tensor, device: torch.device | None = None) -> nn.Parameter:
+    """``value`` as a parameter with the dtype, device and ``requires_grad`` of ``like``
+    (on ``device`` instead, when given)."""
     return nn.Parameter(
-        value.detach().to(device=like.device, dtype=like.dtype).contiguous(),
+        value.detach().to(device=device or like.device, dtype=like.dtype).contiguous(),
         requires_grad=like.requires_grad,
     )
 
@@ -167,6 +169,8 @@ class _LowRankBase(nn.Module):
         self.inputs_seen = 0  # calibration inputs (tokens of a Linear, images of a conv)
         self.staged: tuple | None = None  # (down, up) solved during a corrective run
         self.run_staged = False  # forward through ``staged`` instead of ``dense``
+        self.offload: torch.device | None = None  # host copies of dense weight and statistics
+        self.home: torch.device | None = None  # where the inputs arrive (and factors go)
         self._calibration_hook = self.register_forward_pre_hook(_observe)
 
     def _start_recovered(self, rank: int, add_bias: bool) -> None:
@@ -198,6 +202,12 @@ class _LowRankBase(nn.Module):
         """Build ``(down, up)`` from per-group float64 factors, in the dense layer's dtype."""
         raise NotImplementedError
 
+    @property
+    def factor_device(self) -> torch.device | None:
+        """Where the factors go when not beside the dense weight: the device the inputs
+        arrived on, for a layer whose dense weight is offloaded to host memory."""
+        return self.home if self.offload is not None else None
+
     def to_dense(self) -> nn.Module:
         """The equivalent dense layer."""
         raise NotImplementedError
@@ -214,6 +224,11 @@ class _LowRankBase(nn.Module):
         if self.run_staged:
             down, up = self.staged
             return up(down(x))
+        if self.offload is not None:
+            self.home = x.device  # the dense layer lives in host memory: run a device copy
+            tensors = dict(self.dense.named_parameters()) | dict(self.dense.named_buffers())
+            moved = {name: t.to(x.device, non_blocking=True) for name, t in tensors.items()}
+            return functional_call(self.dense, moved, (x,))
         return self.dense(x)
 
     @torch.no_grad()
@@ -225,9 +240,11 @@ class _LowRankBase(nn.Module):
         with paused():  # the activation detector must not see these calls as consumers
             for rows in self._row_chunks(x):
                 if self.stats is None:
-                    self.stats = [CovarianceStats(n) for _ in range(self.groups)]
+                    self.stats = [CovarianceStats(n, self.offload) for _ in range(self.groups)]
                     if self.samples:
-                        self.reservoirs = [Reservoir(self.samples) for _ in range(self.groups)]
+                        self.reservoirs = [
+                            Reservoir(self.samples, self.offload) for _ in range(self.groups)
+                        ]
                 for j, stats in enumerate(self.stats):
                     part = rows if self.groups == 1 else rows[:, j * n : (j + 1) * n]
                     stats.update(part)
@@ -257,6 +274,7 @@ class _LowRankBase(nn.Module):
         if not (fold and self.folded_batchnorm):
             return matrices
         scale, offset = batchnorm_affine(self.folded_batchnorm[0])
+        scale, offset = scale.to(matrices[0][0].device), offset.to(matrices[0][0].device)
         m = self.matrix_shape[0]
         folded = []
         for j, (w, b) in enumerate(matrices):

@@ -282,6 +282,14 @@ class BlockCache:
         self.forward_passes = 0
         self.block_passes = 0
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached inputs, in bytes."""
+        sizes: list[int] = []
+        for entry in self.entries:
+            _map(lambda t: sizes.append(t.numel() * t.element_size()), list(entry.values()))
+        return sum(sizes)
+
     def _keep(self, call: Call) -> Call:
         return call if self.store is None else _map(lambda t: t.to(self.store), call)
 

@@ -208,11 +208,17 @@ class _LowRankConv(_LowRankBase):
         up = self._dense_type(g * r, self.out_channels, 1, groups=g, bias=has_bias, device="meta")
         down_w = torch.cat([f.down for f in factors])  # (g r, C_in/g * prod(k))
         up_w = torch.cat([f.up for f in factors])  # (C_out, r)
-        down.weight = new_parameter(down_w.reshape(g * r, -1, *self.kernel_size), like)
-        up.weight = new_parameter(up_w.reshape(self.out_channels, r, *(1,) * d), like)
+        down.weight = new_parameter(
+            down_w.reshape(g * r, -1, *self.kernel_size), like, self.factor_device
+        )
+        up.weight = new_parameter(
+            up_w.reshape(self.out_channels, r, *(1,) * d), like, self.factor_device
+        )
         if has_bias:
             bias = torch.cat([f.bias for f in factors])
-            up.bias = new_parameter(bias, like if self.dense.bias is None else self.dense.bias)
+            up.bias = new_parameter(
+                bias, like if self.dense.bias is None else self.dense.bias, self.factor_device
+            )
         return down, up
 
     # -- dense views ---------------------------------------------------------------------------

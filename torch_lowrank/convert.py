@@ -100,6 +100,7 @@ def convert(
     min_rank: int = 1,
     max_rank: int | None = None,
     overrides: dict[str, int] | None = None,
+    offload: str | torch.device | None = None,
 ) -> nn.Module:
     """Swap every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` whose factorisation saves
     parameters for a calibrating low-rank module (:class:`~torch_lowrank.LowRankLinear`,
@@ -144,6 +145,11 @@ def convert(
         min_rank / max_rank: bounds on each rank under global allocation.
         overrides: fnmatch pattern -> rank for the layers that must have that rank (the first
             matching pattern wins); with global allocation the others share the rest.
+        offload: a device such as ``"cpu"``: keep each converted layer's dense weight, its
+            statistics, reservoir and corrective block cache there (host memory for a GPU
+            model) until recovery. Calibration runs the layer with a temporary device copy of
+            its weight; statistics are computed on the device and summed on the host; solves
+            run on the host; the factors go to the device the inputs came from.
 
     Returns:
         ``model`` (a low-rank module when ``model`` itself is a single layer). Layers already
@@ -232,6 +238,10 @@ def convert(
         )
         if global_ratio is not None and fixed is None:
             new.target_rank = None  # chosen at recovery by global allocation
+        if offload is not None:
+            new.offload = torch.device(offload)
+            new.home = standard.weight.device
+            standard.to(new.offload)
         swapped[module] = new
         if name:
             _replace(model, name, new)

@@ -133,7 +133,10 @@ def _accumulate_wave(
             n, groups = module.matrix_shape[1], module.groups
             if module not in paired:
                 paired[module] = [
-                    (CrossStats(n), Reservoir(module.samples) if with_samples else None)
+                    (
+                        CrossStats(n, module.offload),
+                        Reservoir(module.samples, module.offload) if with_samples else None,
+                    )
                     for _ in range(groups)
                 ]
             for x, x_tilde in zip(inputs[False][module], inputs[True][module]):
@@ -170,6 +173,12 @@ def _reduced(
             reservoir = distributed.reduce_reservoir(reservoir, module.samples, 2 * n, device)
         out.append((merged, reservoir))
     return out
+
+
+def held_bytes(module: nn.Module) -> int:
+    """Memory held by a calibrating module's first-pass statistics and reservoirs, in bytes."""
+    parts = (module.stats or []) + (module.reservoirs or [])
+    return sum(part.nbytes for part in parts)
 
 
 def _plan(
@@ -233,6 +242,8 @@ def corrective_plans(
     plans: dict[nn.Module, tuple] = {}
     solved: list[nn.Module] = []
     counts = {"forward": 1}  # the schedule's pass
+    held = sum(held_bytes(m) for m in modules)  # first-pass statistics, if any were kept
+    peak = held
     paused = [(m, m.accumulating) for m in modules]
     for module, _ in paused:
         module.accumulating = False
@@ -242,7 +253,8 @@ def corrective_plans(
         if cache_blocks:
             where, chain_passes = find_chains(model, modules, first, forward_fn)
         counts["forward"] += chain_passes
-        cache = BlockCache(model, data, forward_fn, lambda c: _mode(solved, fold, c))
+        store = next((m.offload for m in modules if m.offload is not None), None)
+        cache = BlockCache(model, data, forward_fn, lambda c: _mode(solved, fold, c), store)
         for wave in tqdm(waves, desc="corrective waves", disable=None if progress else True):
             places = [where.get(m) for m in wave]
             if all(p is not None and p[0] is places[0][0] and p[1] == places[0][1] for p in places):
@@ -252,6 +264,12 @@ def corrective_plans(
                 runs = (_whole_model(model, b, forward_fn, solved, fold, counts) for b in data)
             needs_rows = method in ("relu", "nuclear")
             paired = _accumulate_wave(wave, runs, needs_rows)
+            wave_bytes = sum(
+                cross.nbytes + (0 if reservoir is None else reservoir.nbytes)
+                for pairs in paired.values()
+                for cross, reservoir in pairs
+            )
+            peak = max(peak, held + wave_bytes + cache.nbytes)
             if distributed.active():  # every rank saw a shard: sum the pairs of all ranks
                 paired = {m: _reduced(m, paired.get(m), needs_rows) for m in wave}
 
@@ -277,6 +295,7 @@ def corrective_plans(
         "waves": len(waves),
         "forward_passes": counts["forward"] + cache.forward_passes,
         "block_passes": cache.block_passes,
+        "peak_stat_bytes": peak,
         "seconds": time.perf_counter() - start,
     }
     return plans, info

@@ -160,10 +160,12 @@ class LowRankLinear(_LowRankBase):
         like = self.dense.weight
         down = nn.Linear(self.in_features, f.rank, bias=False, device="meta")
         up = nn.Linear(f.rank, self.out_features, bias=f.bias is not None, device="meta")
-        down.weight = new_parameter(f.down, like)
-        up.weight = new_parameter(f.up, like)
+        down.weight = new_parameter(f.down, like, self.factor_device)
+        up.weight = new_parameter(f.up, like, self.factor_device)
         if f.bias is not None:
-            up.bias = new_parameter(f.bias, like if self.dense.bias is None else self.dense.bias)
+            up.bias = new_parameter(
+                f.bias, like if self.dense.bias is None else self.dense.bias, self.factor_device
+            )
         return down, up
 
     @property

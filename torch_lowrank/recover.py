@@ -37,7 +37,7 @@ from .convert import (
     default_forward,
     progress_bar,
 )
-from .corrective import corrective_plans, device_of, solve_cost
+from .corrective import corrective_plans, device_of, held_bytes, solve_cost
 from .report import LayerReport, Report
 from .solve import plan_layer
 
@@ -265,6 +265,7 @@ def recover_(
                 start = time.perf_counter()
                 plans = _parallel_plans(solve, method, fold, options, progress)
                 info = {"mode": "parallel", "seconds": time.perf_counter() - start}
+                info["peak_stat_bytes"] = sum(held_bytes(m) for m in found)
     except BaseException:
         for module in ranks:
             module.target_rank = None  # back to "chosen at recovery"
@@ -280,6 +281,8 @@ def recover_(
     for module, plan in plans.items():
         if plan[0] == "dense":
             dense = module.to_dense()
+            if module.offload is not None and module.home is not None:
+                dense.to(module.home)  # back from host memory
             rows[module] = _dense_row(found[module][0], dense, plan[1])
             if plan[1].startswith("saw no"):
                 warnings.warn(f"recover_: {module.layer_name} {plan[1]}; kept dense", stacklevel=2)
@@ -342,7 +345,19 @@ def compress(
         [5, 5]
     """
     model = convert(model, **convert_kwargs)
-    calibrate(model, data, forward_fn, progress)
+    if corrective and method != "svd" and model not in _ALLOCATIONS:
+        # Corrective recovery collects its own statistics wave by wave; the first pass only
+        # observes the activations, on one batch, and keeps no statistics (bounded memory).
+        modules = [m for m in _low_rank_modules(model) if m.calibrating]
+        for module in modules:
+            module.accumulating = False
+        try:
+            calibrate(model, [next(iter(data))], forward_fn, progress=False)
+        finally:
+            for module in modules:
+                module.accumulating = True
+    else:
+        calibrate(model, data, forward_fn, progress)
     corrective_data = data if corrective else None
     report = recover_(
         model,

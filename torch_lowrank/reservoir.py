@@ -35,6 +35,9 @@ class Reservoir:
 
     Args:
         capacity: the most rows kept, ``>= 1``.
+        store: where the kept rows live (e.g. ``"cpu"`` to keep a GPU layer's sample in host
+            memory); ``None``: on the device the rows arrive on. Rows are screened on their
+            own device and only candidates are copied.
 
     Shape:
         - rows passed to :meth:`update`: :math:`(N, w)`.
@@ -53,7 +56,7 @@ class Reservoir:
         (640, (100, 8))
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, store: str | torch.device | None = None) -> None:
         try:
             size = -1 if isinstance(capacity, bool) else operator.index(capacity)
         except TypeError:
@@ -61,6 +64,7 @@ class Reservoir:
         if size < 1:
             raise ValueError(f"expected a capacity that is an integer >= 1\nbut got {capacity!r}")
         self.capacity = size
+        self.store = None if store is None else torch.device(store)  # where kept rows live
         self.features: int | None = None  # the row width, fixed by the first batch
         self._count = 0
         self._rows: Tensor | None = None  # (k, w) float32 or float64, k <= capacity
@@ -112,7 +116,7 @@ class Reservoir:
             raise ValueError(
                 f"expected rows of shape (N, {width})\nbut got shape {tuple(rows.shape)}"
             )
-        if self._rows is not None and rows.device != self._rows.device:
+        if self.store is None and self._rows is not None and rows.device != self._rows.device:
             raise ValueError(
                 f"expected rows on {self._rows.device}, where the reservoir lives\n"
                 f"but got rows on {rows.device}"
@@ -163,10 +167,12 @@ class Reservoir:
         keys = torch.rand(n, device=rows.device, dtype=torch.float64)
         if self._keys is not None and self._keys.shape[0] >= self.capacity:
             # A row whose key is below the smallest kept key can never enter: screen first.
-            candidates = torch.nonzero(keys > self._keys.min()).squeeze(1)
+            candidates = torch.nonzero(keys > self._keys.min().to(keys.device)).squeeze(1)
             if candidates.shape[0] == 0:
                 return
             rows, keys = rows[candidates], keys[candidates]
+        if self.store is not None:  # only the candidates travel to the store
+            rows, keys = rows.to(self.store), keys.to(self.store)
         self._keep(rows, keys)
 
     @torch.no_grad()

@@ -26,6 +26,9 @@ class CovarianceStats:
 
     Args:
         features: the width ``n`` of every row.
+        store: where the running sums live (e.g. ``"cpu"`` to keep a GPU layer's statistics in
+            host memory); ``None``: on the device of the first batch. Each batch product is
+            computed on the rows' own device either way.
 
     Shape:
         - rows passed to :meth:`update`: :math:`(N, n)`.
@@ -40,8 +43,9 @@ class CovarianceStats:
         (150, (3, 3))
     """
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, store: str | torch.device | None = None) -> None:
         self.features = features
+        self.store = None if store is None else torch.device(store)
         self.count = 0
         self.shift: Tensor | None = None  # (n,) float64
         self.sum: Tensor | None = None  # (n,) float64, sum of (x - shift)
@@ -71,19 +75,20 @@ class CovarianceStats:
         work = torch.float64 if rows.dtype == torch.float64 else torch.float32
         x = rows.detach().to(work)
         if self.shift is None:
-            self.shift = x.mean(0, dtype=torch.float64)
+            self.shift = x.mean(0, dtype=torch.float64).to(self.store or x.device)
             self.sum = torch.zeros_like(self.shift)
             self.sum_sq = torch.zeros(
-                self.features, self.features, dtype=torch.float64, device=x.device
+                self.features, self.features, dtype=torch.float64, device=self.shift.device
             )
-        elif x.device != self.shift.device:
+        elif self.store is None and x.device != self.shift.device:
             raise ValueError(
                 f"calibration rows arrived on {x.device}\n"
                 f"but the statistics live on {self.shift.device}; keep the model on one device"
             )
-        x = x - self.shift.to(work)
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.sum_sq += (x.T @ x).to(torch.float64)  # batch product in float32, sum in float64
+        x = x - self.shift.to(x.device, work)
+        home = self.shift.device
+        self.sum += x.sum(0, dtype=torch.float64).to(home)
+        self.sum_sq += (x.T @ x).to(home, torch.float64)  # batch product in float32, sum in float64
         self.count += x.shape[0]
 
     def _require_data(self) -> None:
@@ -159,7 +164,8 @@ class CrossStats:
     network feed one layer on the same samples (corrective recovery, DESIGN section 2).
 
     Keeps the count, ``sum x~``, ``sum x``, ``sum x~ x~^T``, ``sum x~ x^T`` and ``sum x x^T``
-    (each about a shift, float64, on the rows' device). All are sums, so they merge.
+    (each about a shift, float64, on the rows' device or on ``store``). All are sums, so
+    they merge.
 
     Example:
         >>> stats = CrossStats(3)
@@ -169,9 +175,9 @@ class CrossStats:
         True
     """
 
-    def __init__(self, features: int) -> None:
-        self.tilde = CovarianceStats(features)
-        self.original = CovarianceStats(features)
+    def __init__(self, features: int, store: str | torch.device | None = None) -> None:
+        self.tilde = CovarianceStats(features, store)
+        self.original = CovarianceStats(features, store)
         self.sum_cross: Tensor | None = None  # (n, n) sum of (x~ - s~)(x - s)^T
 
     @property
@@ -194,9 +200,9 @@ class CrossStats:
         self.tilde.update(tilde_rows)
         self.original.update(rows)
         work = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        t = tilde_rows.detach().to(work) - self.tilde.shift.to(work)
-        x = rows.detach().to(work) - self.original.shift.to(work)
-        product = (t.T @ x).to(torch.float64)
+        t = tilde_rows.detach().to(work) - self.tilde.shift.to(tilde_rows.device, work)
+        x = rows.detach().to(work) - self.original.shift.to(rows.device, work)
+        product = (t.T @ x).to(self.tilde.shift.device, torch.float64)
         self.sum_cross = product if self.sum_cross is None else self.sum_cross + product
 
     def is_finite(self) -> bool:
