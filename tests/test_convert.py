@@ -139,7 +139,8 @@ def test_report_table_and_dict():
     text = str(report)
     assert text.splitlines()[0].split()[:4] == ["layer", "shape", "rank", "params"]
     assert "stem" in text and any(line.startswith("total") for line in text.splitlines())
-    assert text.splitlines()[-1].startswith("corrective recovery: ")
+    assert text.splitlines()[-2].startswith("corrective recovery: ")
+    assert text.splitlines()[-1].startswith("peak statistics memory: ")
     data = json.loads(report.to_json())
     assert [row["name"] for row in data["layers"]][0] == "stem"
     assert data["total"]["params_after"] == report.params_after

@@ -195,8 +195,13 @@ class Report:
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
         if self.info.get("mode") == "corrective":
+            blocks = self.info.get("block_passes", 0)
             lines.append(
                 f"corrective recovery: {self.info['waves']} waves, "
-                f"{self.info['forward_passes']} forward passes, {self.info['seconds']:.2f} s"
+                f"{self.info['forward_passes']} forward passes"
+                + (f" + {blocks} block passes" if blocks else "")
+                + f", {self.info['seconds']:.2f} s"
             )
+        if "peak_stat_bytes" in self.info:
+            lines.append(f"peak statistics memory: {self.info['peak_stat_bytes'] / 2**20:.1f} MiB")
         return "\n".join(lines)
