@@ -154,10 +154,15 @@ def device_of(module: nn.Module) -> torch.device:
     return module._matrices()[0][0].device
 
 
-def solve_cost(module: nn.Module) -> float:
-    """A layer's solve cost estimate, for sharing solves between ranks: ``groups m n min(m, n)``."""
+def solve_cost(module: nn.Module, method: str, fold: bool) -> float:
+    """A layer's solve cost estimate, for sharing solves between ranks: ``groups m n min(m, n)``
+    for a closed form; an activation-aware solve adds ``groups m n`` per reservoir row and
+    iteration (200 iterations assumed), which dominates."""
     m, n = module.matrix_shape
-    return float(module.groups * m * n * min(m, n))
+    cost = module.groups * m * n * min(m, n)
+    if method in ("relu", "nuclear") and module.effective_activation(fold) is not None:
+        cost += 200 * max(module.samples, 1) * module.groups * m * n
+    return float(cost)
 
 
 def _reduced(
@@ -277,7 +282,7 @@ def corrective_plans(
                 _plan, paired=paired, method=method, fold=fold, options=options
             )
             if distributed.active():
-                costs = [solve_cost(m) for m in wave]
+                costs = [solve_cost(m, method, bool(fold[m])) for m in wave]
                 wave_plans = distributed.solve_shared(wave, solve, costs, device_of)
             else:
                 wave_plans = {module: solve(module) for module in wave}

@@ -132,7 +132,7 @@ def _parallel_plans(
     several ranks, the solves are shared out (:mod:`torch_lowrank.distributed`)."""
     modules = list(found)
     if distributed.active():
-        costs = [solve_cost(m) for m in modules]
+        costs = [solve_cost(m, method, bool(fold[m])) for m in modules]
         solve = functools.partial(_plan_parallel, method=method, fold=fold, options=options)
         return distributed.solve_shared(modules, solve, costs, device_of)
     return {
