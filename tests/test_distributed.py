@@ -142,6 +142,10 @@ def test_ranks_give_the_single_process_result(tmp_path, world):
             state, info, ranks = results[rank][name]
             assert ranks == [row.rank for row in report.layers], name
             assert info["world_size"] == world
+            per_rank = info["solves_per_rank"]
+            assert sum(per_rank) == len(ranks), per_rank
+            if "corrective" not in name:  # parallel: the solves were shared out
+                assert min(per_rank) >= 1, per_rank
             assert_states_close(state, expected)
     for name in ("parallel-relu", "corrective-relu"):  # a different sample: ranks agree exactly
         for rank in range(1, world):

@@ -234,6 +234,9 @@ def solve_shared(
                 plans[module] = solve(module)
     except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
         failure, error = f"{type(err).__name__}: {err}", err
+    for plan in plans.values():
+        for f in plan[1] if plan[0] == "factors" else []:
+            f.info["solved_on_rank"] = rank
     failures: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(failures, failure)
     if error is not None:

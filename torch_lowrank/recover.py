@@ -272,6 +272,8 @@ def recover_(
         raise
     if distributed.active():
         info["world_size"] = torch.distributed.get_world_size()
+        solved_on = [p[1][0].info.get("solved_on_rank") for p in plans.values() if p[0] != "dense"]
+        info["solves_per_rank"] = [solved_on.count(r) for r in range(info["world_size"])]
     plans.update(kept_dense)
     if ranks:
         info["allocation"] = dict(_ALLOCATIONS[model])
