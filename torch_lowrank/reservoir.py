@@ -132,6 +132,9 @@ class Reservoir:
         if self._rows is not None and self._rows.dtype != work:
             work = torch.float64  # float32 and float64 batches mixed: keep the precision
             self._rows = self._rows.to(work)
+        if self._keys is not None and self._keys.shape[0] == self.capacity:
+            self._replace(rows, keys, work)
+            return
         if self._keys is None:
             all_keys, old = keys, 0
         else:
@@ -144,6 +147,19 @@ class Reservoir:
         else:
             self._rows = torch.cat([self._rows[top[~from_new]], new_rows])
         self._keys = torch.cat([all_keys[top[~from_new]], all_keys[top[from_new]]])
+
+    def _replace(self, rows: Tensor, keys: Tensor, work: torch.dtype) -> None:
+        """A full reservoir: the ``k`` new keys can only displace the ``k`` smallest kept ones,
+        so those slots are overwritten in place (nothing else is copied)."""
+        low = torch.topk(self._keys, min(keys.shape[0], self.capacity), largest=False).indices
+        pool = torch.cat([self._keys[low], keys])
+        winners = torch.topk(pool, low.shape[0]).indices
+        from_new = winners >= low.shape[0]
+        lost = torch.ones(low.shape[0], dtype=torch.bool, device=low.device)
+        lost[winners[~from_new]] = False
+        slots, chosen = low[lost], winners[from_new] - low.shape[0]
+        self._rows[slots] = rows[chosen].to(work)
+        self._keys[slots] = keys[chosen]
 
     @torch.no_grad()
     def update(self, rows: Tensor) -> None:
