@@ -48,6 +48,54 @@ def timed(problem, projection, iters: int) -> tuple[float, int]:
         projected._project = original
 
 
+def measure(
+    m: int = 1024,
+    n: int = 1024,
+    rows: int = 4096,
+    rank: int = 256,
+    iters: int = 20,
+    repeats: int = 5,
+    device: str = "cpu",
+) -> dict:
+    """Iterations per second (medians of ``repeats`` interleaved runs) of both projections."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    f64 = torch.float64
+    weight = torch.randn(m, n, dtype=f64, device=dev) / n**0.5
+    bias = 0.1 * torch.randn(m, dtype=f64, device=dev)
+    mix = torch.randn(n, n, dtype=f64, device=dev) / n**0.5
+    x = torch.randn(rows, n, dtype=f64, device=dev) @ mix  # correlated inputs
+    start = solvers.linear(weight, bias, x.mean(0), torch.cov(x.T, correction=0), rank=rank)
+    problem = (weight, bias, x, start)
+    methods = {"subspace iteration (library)": projected._project, "full SVD": svd_projection}
+
+    timed(problem, projected._project, 2)  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, projection in methods.items():
+            setup, _ = timed(problem, projection, 0)
+            seconds, iterations = timed(problem, projection, iters)
+            rates[name].append(iterations / max(seconds - setup, 1e-9))
+    med = {name: statistics.median(values) for name, values in rates.items()}
+    baseline = med["full SVD"]
+    return {
+        "shape": [m, n], "rows": rows, "rank": rank, "iters": iters, "repeats": repeats,
+        "device": device, "threads": torch.get_num_threads(),
+        "projections": [
+            {"projection": name, "iterations_per_s": rate, "seconds_per_iteration": 1 / rate,
+             "speedup": rate / baseline}
+            for name, rate in med.items()
+        ],
+    }  # fmt: skip
+
+
+def suite(quick: bool = False) -> dict:
+    """The ``run.py`` entry: a 512 x 512 layer with --quick, else the 1024 x 1024 default."""
+    if quick:
+        return measure(512, 512, 2048, 128, iters=10, repeats=3)
+    return measure()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, default=1024)
@@ -61,28 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    f64 = torch.float64
-    weight = torch.randn(args.m, args.n, dtype=f64, device=device) / args.n**0.5
-    bias = 0.1 * torch.randn(args.m, dtype=f64, device=device)
-    mix = torch.randn(args.n, args.n, dtype=f64, device=device) / args.n**0.5
-    rows = torch.randn(args.rows, args.n, dtype=f64, device=device) @ mix  # correlated inputs
-    start = solvers.linear(
-        weight, bias, rows.mean(0), torch.cov(rows.T, correction=0), rank=args.rank
-    )
-    problem = (weight, bias, rows, start)
-    methods = {"subspace iteration (library)": projected._project, "full SVD": svd_projection}
-
-    timed(problem, projected._project, 2)  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.repeats):
-        for name, projection in methods.items():
-            setup, _ = timed(problem, projection, 0)
-            seconds, iterations = timed(problem, projection, args.iters)
-            rates[name].append(iterations / max(seconds - setup, 1e-9))
-
+    result = measure(args.m, args.n, args.rows, args.rank, args.iters, args.repeats, args.device)
     print(
         f"{args.m} x {args.n} layer, {args.rows} rows, rank {args.rank}, {args.device}, "
         f"{torch.get_num_threads()} threads; median of {args.repeats} runs of {args.iters} "
@@ -90,10 +117,11 @@ def main() -> None:
     )
     print("| projection | iterations / s | seconds / iteration | speed-up |")
     print("|---|---:|---:|---:|")
-    baseline = statistics.median(rates["full SVD"])
-    for name, values in rates.items():
-        rate = statistics.median(values)
-        print(f"| {name} | {rate:.2f} | {1 / rate:.3f} | {rate / baseline:.2f}x |")
+    for row in result["projections"]:
+        print(
+            f"| {row['projection']} | {row['iterations_per_s']:.2f} | "
+            f"{row['seconds_per_iteration']:.3f} | {row['speedup']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

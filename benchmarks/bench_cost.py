@@ -1,0 +1,266 @@
+"""What compression costs: calibration overhead, recovery time per layer, peak memory.
+
+Every number is a median of several runs measured in one process, interleaved where two things
+are compared, so that load from other jobs hits both alike; only ratios compare across machines.
+
+* :func:`calibration`: wall time of ``tl.calibrate(model, data)`` on a freshly converted model
+  (the first forward also observes which activation follows each layer) divided by a plain
+  ``with torch.no_grad(): model(x)`` over the same batches; also with ``samples=0`` (covariance
+  only, no reservoir) and one ``torch.profiler`` table of what a calibration pass spends on.
+* :func:`recovery`: per layer, with the statistics of the real calibration data: a float64
+  ``torch.linalg.eigh`` of size ``min(m, n)``, our ``linear`` solve, the SVD-LLM recipe
+  (Cholesky whitening, SVD of ``W S``, triangular solve) and a truncated SVD of ``W``; plus the
+  synthetic shapes of ``bench_solve``.
+* :func:`memory`: peak resident memory above the starting point (sampled every millisecond by a
+  thread reading ``/proc/self/statm``) while compressing, and the exact bytes the statistics hold.
+
+    python -m benchmarks.bench_cost [--quick] [--only calibration recovery memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import threading
+import time
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import torch_lowrank as tl
+from benchmarks import baselines
+from benchmarks.bench_quality import WORKLOADS, build
+from benchmarks.models import NUM_THREADS
+from torch_lowrank import solvers
+
+__all__ = ["calibration", "recovery", "memory"]
+
+RATIO = 0.4  # the rank rule used for the cost measurements
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _forward(model: nn.Module, data: list) -> None:
+    with torch.no_grad():
+        for x in data:
+            model(x)
+
+
+def _converted(w, **kwargs) -> nn.Module:
+    kw = {"samples": w.settings["samples"], **kwargs}
+    return tl.convert(copy.deepcopy(w.model), ratio=RATIO, **kw, **w.layers)
+
+
+def _profile_table(w) -> list[dict]:
+    model = _converted(w)
+    tl.calibrate(model, w.data[:1], progress=False)  # activations observed: steady state
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        tl.calibrate(model, w.data, progress=False)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+        }
+        for e in events[:8]
+    ]
+
+
+def calibration(quick: bool = False) -> dict:
+    """Calibration pass / plain forward, per workload (median of interleaved repeats).
+
+    The data is the workload's calibration batches, repeated until a plain forward over them
+    takes at least 0.1 s, so that the tiny models are timed above the timer's noise.
+    """
+    torch.set_num_threads(NUM_THREADS)
+    repeats = 3 if quick else 7
+    rows = []
+    for name in WORKLOADS:
+        w = build(name, quick)
+        once = min(_seconds(lambda w=w: _forward(w.model, w.data)) for _ in range(3))
+        w.data = w.data * math.ceil(0.1 / max(once, 1e-6))
+        times = {"forward": [], "calibrate": [], "covariance_only": []}
+        for _ in range(repeats):
+            times["forward"].append(_seconds(lambda w=w: _forward(w.model, w.data)))
+            for key, samples in (("calibrate", w.settings["samples"]), ("covariance_only", 0)):
+                model = _converted(w, samples=samples)
+                times[key].append(
+                    _seconds(lambda m=model, w=w: tl.calibrate(m, w.data, progress=False))
+                )
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append(
+            {
+                "workload": name,
+                "batches": len(w.data),
+                "rows_per_batch": int(w.data[0].shape[0]),
+                "samples": w.settings["samples"],
+                "forward_s": med["forward"],
+                "calibrate_s": med["calibrate"],
+                "covariance_only_s": med["covariance_only"],
+                "overhead": med["calibrate"] / med["forward"],
+                "overhead_covariance_only": med["covariance_only"] / med["forward"],
+                "profile": _profile_table(w) if name in ("fashion_mlp", "fashion_cnn") else [],
+            }
+        )
+        print(f"calibration {name}: {rows[-1]['overhead']:.2f}x a plain forward", flush=True)
+    return {"ratio": RATIO, "repeats": repeats, "rows": rows}
+
+
+def _layer_timings(W, mean, cov, count, rank, repeats) -> dict:
+    k = min(W.shape)
+    square = cov if k == W.shape[1] else W @ cov @ W.T
+    gram = (cov + torch.outer(mean, mean)) * count
+    runs = {
+        "eigh": lambda: torch.linalg.eigh(square),
+        "linear": lambda: solvers.linear(W, None, mean, cov, rank=rank),
+        "svd_llm": lambda: baselines.svd_llm_factors(W, gram, rank),
+        "svd": lambda: baselines.svd_factors(W, rank),
+    }
+    times = {key: [] for key in runs}
+    for _ in range(repeats):  # interleaved
+        for key, fn in runs.items():
+            times[key].append(_seconds(fn))
+    med = {f"{key}_s": statistics.median(v) for key, v in times.items()}
+    return {**med, **{f"{key}_over_eigh": med[f"{key}_s"] / med["eigh_s"] for key in runs}}
+
+
+def recovery(quick: bool = False) -> dict:
+    """Per-layer solve times with real statistics, and on ``bench_solve``'s synthetic shapes."""
+    torch.set_num_threads(NUM_THREADS)
+    repeats = 3 if quick else 7
+    rows = []
+    for name in WORKLOADS:
+        w = build(name, quick)
+        model = _converted(w, samples=0, activation=None)
+        tl.calibrate(model, w.data, progress=False)
+        for module in model.modules():
+            if not isinstance(module, (tl.LowRankLinear, tl.LowRankConv2d)):
+                continue
+            stats = module.stats[0]
+            W = module.dense.weight.detach().reshape(module.dense.weight.shape[0], -1).double()
+            timing = _layer_timings(W, stats.mean, stats.covariance, stats.count,
+                                    module.target_rank, repeats)  # fmt: skip
+            rows.append({"workload": name, "layer": module.layer_name, "shape": list(W.shape),
+                         "rank": module.target_rank, **timing})  # fmt: skip
+    shapes = [(1024, 1024), (2048, 512)] if quick else [(4096, 1024), (1024, 4096), (1024, 1024),
+                                                         (2048, 2048)]  # fmt: skip
+    for m, n in shapes:  # as bench_solve: random weight, 2n correlated-free rows
+        gen = torch.Generator().manual_seed(0)
+        W = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        x = torch.randn(2 * n, n, generator=gen, dtype=torch.float64)
+        rank = int(0.5 * m * n / (m + n))
+        timing = _layer_timings(W, x.mean(0), torch.cov(x.T, correction=0), 2 * n, rank, repeats)
+        rows.append({"workload": "synthetic", "layer": f"{m}x{n}", "shape": [m, n],
+                     "rank": rank, **timing})  # fmt: skip
+        print(f"recovery {m}x{n}: linear/eigh {timing['linear_over_eigh']:.2f}", flush=True)
+    return {"ratio": RATIO, "synthetic_ratio": 0.5, "repeats": repeats, "dtype": "float64",
+            "rows": rows}  # fmt: skip
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_extra_rss(fn) -> tuple[int, float]:
+    """Peak resident bytes above the level at the start while ``fn`` runs, and its seconds."""
+    gc.collect()
+    with contextlib.suppress(OSError):  # give freed heap back, so the start is honest
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    start, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        seconds = _seconds(fn)
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _rss()) - start, seconds
+
+
+def memory(quick: bool = False) -> dict:
+    """Peak extra resident memory of compressing each workload at ``RATIO``, per method."""
+    torch.set_num_threads(NUM_THREADS)
+    rows = []
+    for name in WORKLOADS:
+        w = build(name, quick)
+        opts = w.settings["options"]
+
+        def ours(method, corrective, w=w, opts=opts):
+            torch.manual_seed(0)
+            tl.compress(copy.deepcopy(w.model), w.data, ratio=RATIO, method=method,
+                        corrective=corrective, samples=w.settings["samples"], options=opts,
+                        progress=False, **w.layers)  # fmt: skip
+
+        def svd_llm(w=w):
+            names = w.layer_names()
+            moments = baselines.collect_moments(w.model, w.data, names)
+            model = copy.deepcopy(w.model)
+            ranks = {n: max(1, int(RATIO * s[0] * s[1] / (s[0] + s[1])))
+                     for n, s in ((n, baselines.weight_matrix(w.model.get_submodule(n)).shape)
+                                  for n in names)}  # fmt: skip
+            baselines.apply_baseline(model, "svd_llm", ranks, moments)
+
+        held = _converted(w)
+        tl.calibrate(held, w.data, progress=False)
+        stats_bytes = sum(
+            sum(s.nbytes for s in m.stats) + sum(r.nbytes for r in m.reservoirs or [])
+            for m in held.modules()
+            if isinstance(m, (tl.LowRankLinear, tl.LowRankConv2d)) and m.stats
+        )
+        del held
+        row = {
+            "workload": name,
+            "model_bytes": sum(p.numel() * p.element_size() for p in w.model.parameters()),
+            "statistics_bytes": stats_bytes,
+        }
+        runs = {
+            "forward": lambda w=w: _forward(w.model, w.data),
+            "linear": lambda ours=ours: ours("linear", False),
+            "relu_corrective": lambda ours=ours: ours("relu", True),
+            "svd_llm": svd_llm,
+        }
+        if quick:  # the longest of them; the full run measures it
+            del runs["relu_corrective"]
+        for label, fn in runs.items():
+            row[f"{label}_peak_bytes"], row[f"{label}_s"] = _peak_extra_rss(fn)
+        rows.append(row)
+        print(f"memory {name}: linear peak {row['linear_peak_bytes'] / 2**20:.1f} MiB", flush=True)
+    return {"ratio": RATIO, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", default=["calibration", "recovery", "memory"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    found = {"calibration": calibration, "recovery": recovery, "memory": memory}
+    results = {name: found[name](args.quick) for name in args.only}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

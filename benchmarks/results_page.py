@@ -1,0 +1,385 @@
+"""Build ``benchmarks/RESULTS.md`` (tables and PNG plots) from the suite's JSON files.
+
+Only files written by ``benchmarks/run.py`` (a dict with a ``"benchmark"`` key) are read; the
+older per-script result files in the same folder are ignored. Called by ``run.py``; also
+``python -m benchmarks.results_page [DIR]`` rebuilds the page without running anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from benchmarks.bench_quality import METHODS, OURS, WORKLOADS
+
+__all__ = ["load", "write", "quality_plot"]
+
+LABELS = {
+    "svd": "SVD (weights only)",
+    "asvd": "ASVD (alpha 0.5)",
+    "svd_llm": "SVD-LLM (whitening)",
+    "linear": "ours: linear",
+    "relu": "ours: relu",
+    "corrective": "ours: relu + corrective (default)",
+    "global": "ours: + global allocation",
+    "finetuned": "ours: + fine-tuned",
+}
+MiB = 2**20
+#: benchmarks run only on request, rendered by their module's ``table(rows)``
+EXTRAS = {
+    "corrective_modes": (
+        "benchmarks.bench_corrective",
+        "Parallel, GPTQ-style sequential and corrective recovery",
+    ),
+    "block_caching": ("benchmarks.bench_block_cache", "Corrective recovery with block caching"),
+}
+CALIBRATION_HEADER = (
+    "workload, batches x size, reservoir rows, forward ms, calibrate ms, overhead, "
+    "overhead without reservoir (samples=0)"
+)
+RECOVERY_HEADER = (
+    "workload, layers, eigh ms, linear ms, SVD-LLM ms, SVD ms, linear / eigh, SVD-LLM / linear"
+)
+
+
+def load(folder: Path) -> dict[str, dict]:
+    """Every suite record in ``folder``, by benchmark name."""
+    found = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "benchmark" in record:
+            found[record["benchmark"]] = record
+    return found
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _better(a: float, b: float, higher: bool) -> bool:
+    return a > b if higher else a < b
+
+
+def quality_plot(records: dict[str, dict], path: Path) -> Path | None:
+    """Metric against ratio, one panel per workload, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = [records[f"quality_{w}"]["results"] for w in WORKLOADS if f"quality_{w}" in records]
+    if not found:
+        return None
+    cols = min(2, len(found))
+    rows = -(-len(found) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat[len(found) :]:
+        ax.set_visible(False)
+    for ax, res in zip(axes.flat, found):
+        dense = res["rows"][0]["value"]
+        for method in METHODS:
+            pts = sorted((r["ratio"], r["value"]) for r in res["rows"] if r["method"] == method)
+            if pts:
+                style = "--" if method not in OURS else "-"
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=LABELS[method])
+        ax.axhline(dense, color="grey", lw=0.8, ls=":", label="dense")
+        ax.set_title(res["workload"])
+        ax.set_xlabel("fraction of weights kept")
+        ax.set_ylabel(res["metric"])
+        ax.invert_xaxis()
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _quality(records: dict[str, dict]) -> tuple[list[str], list[str]]:
+    lines, misses = [], []
+    for workload in WORKLOADS:
+        record = records.get(f"quality_{workload}")
+        if record is None:
+            continue
+        res = record["results"]
+        higher = res["higher_is_better"]
+        ratios = [r for r in dict.fromkeys(row["ratio"] for row in res["rows"]) if r != 1.0]
+        cell = {(r["method"], r["ratio"]): r for r in res["rows"]}
+        s = res["settings"]
+        lines += [
+            f"### {workload}: {res['metric']} ({'higher' if higher else 'lower'} is better)",
+            "",
+            f"Dense: {res['rows'][0]['value']:.4f}. Calibration: {s['calibration']} "
+            f"{'batches of 32 x 64 characters' if workload == 'char_lm' else 'images'}; "
+            f"reservoir {s['samples']} rows; solver options {s['options'] or 'default'}; "
+            f"fine-tuning {s['ft_steps']} steps (KL, lr {s['finetune_lr']}). "
+            f"{'Quick' if record['quick'] else 'Full'} run, {record['seconds']:.0f} s.",
+            "",
+        ]
+        rows = [["weights kept", *(f"{cell[('linear', r)]['kept']:.3f}" for r in ratios)]]
+        for method in METHODS:
+            values = []
+            for r in ratios:
+                v = cell[(method, r)]["value"]
+                best = all(not _better(cell[(m, r)]["value"], v, higher) for m in METHODS)
+                values.append(f"**{v:.4f}**" if best else f"{v:.4f}")
+            rows.append([LABELS[method], *values])
+        lines += _table(["method", *(str(r) for r in ratios)], rows)
+        for r in ratios:
+            base = max if higher else min
+            best_base = base(cell[(m, r)]["value"] for m in ("svd", "asvd", "svd_llm"))
+            post = [cell[(m, r)]["value"] for m in OURS if m != "finetuned"]
+            if not _better(base(post), best_base, higher):
+                misses.append(
+                    f"{workload} at {r}: best post-training method of ours {base(post):.4f}, "
+                    f"best baseline {best_base:.4f}"
+                )
+            lin, llm = cell[("linear", r)]["value"], cell[("svd_llm", r)]["value"]
+            if not _better(lin, llm, higher):
+                tie = "ties" if lin == llm else "beats"
+                misses.append(
+                    f"{workload} at {r}: SVD-LLM {tie} our per-layer `linear` ({llm:.4f} vs "
+                    f"{lin:.4f})"
+                )
+    return lines, misses
+
+
+def _cost(records: dict[str, dict]) -> list[str]:
+    lines = []
+    if "calibration" in records:
+        res = records["calibration"]["results"]
+        lines += [
+            "### Calibration overhead",
+            "",
+            f"`tl.calibrate` on a freshly converted model (ratio {res['ratio']}) / a plain "
+            f"no-grad forward of the same batches, median of {res['repeats']}.",
+            "",
+        ]
+        rows = [
+            [
+                r["workload"],
+                f"{r['batches']} x {r.get('rows_per_batch', '?')}",
+                r["samples"],
+                f"{1e3 * r['forward_s']:.1f}",
+                f"{1e3 * r['calibrate_s']:.1f}",
+                f"**{r['overhead']:.2f}x**",
+                f"{r['overhead_covariance_only']:.2f}x",
+            ]
+            for r in res["rows"]
+        ]
+        lines += _table(CALIBRATION_HEADER.split(", "), rows)
+        for r in res["rows"]:
+            if r["profile"]:
+                top = ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in r["profile"][:6])
+                lines.append(f"* {r['workload']} calibration profile (self CPU time): {top}")
+        lines.append("")
+    if "recovery" in records:
+        res = records["recovery"]["results"]
+        lines += [
+            "### Recovery time per layer",
+            "",
+            f"float64 solves with the real calibration statistics (ratio {res['ratio']}; "
+            f"synthetic shapes at 0.5), median of {res['repeats']} interleaved runs; "
+            "`eigh` is one `torch.linalg.eigh` of size min(m, n).",
+            "",
+        ]
+        rows = []
+        for w in dict.fromkeys(r["workload"] for r in res["rows"]):
+            mine = [r for r in res["rows"] if r["workload"] == w]
+            groups = [[r] for r in mine] if w == "synthetic" else [mine]
+            for group in groups:
+                label = group[0]["layer"] if w == "synthetic" else f"{len(group)} layers"
+                total = {
+                    k: sum(r[f"{k}_s"] for r in group) for k in ("eigh", "linear", "svd_llm", "svd")
+                }
+                rows.append(
+                    [
+                        w,
+                        label,
+                        *(f"{1e3 * total[k]:.1f}" for k in total),
+                        f"{total['linear'] / total['eigh']:.2f}",
+                        f"{total['svd_llm'] / total['linear']:.2f}",
+                    ]
+                )
+        lines += _table(RECOVERY_HEADER.split(", "), rows)
+    lines += _projected(records)
+    if "peak_memory" in records:
+        res = records["peak_memory"]["results"]
+        lines += [
+            "### Peak memory",
+            "",
+            "Resident memory above the starting level while compressing at ratio "
+            f"{res['ratio']} (sampled every ms; MiB), and the statistics our layers hold "
+            "after calibration (covariance + reservoir).",
+            "",
+        ]
+        keys = [
+            k
+            for k in ("forward", "linear", "relu_corrective", "svd_llm")
+            if f"{k}_peak_bytes" in res["rows"][0]
+        ]
+        rows = [
+            [
+                r["workload"],
+                f"{r['model_bytes'] / MiB:.1f}",
+                f"{r['statistics_bytes'] / MiB:.1f}",
+                *(f"{r[f'{k}_peak_bytes'] / MiB:.1f}" for k in keys),
+            ]
+            for r in res["rows"]
+        ]
+        lines += _table(["workload", "model", "statistics", *keys], rows)
+    if "inference" in records:
+        res = records["inference"]["results"]
+        lines += [
+            "### Inference speed",
+            "",
+            f"Dense / low-rank wall time, float32, {res['threads']} threads, median of "
+            f"{res['repeats']} interleaved rounds.",
+            "",
+        ]
+        rows = [
+            [
+                r["workload"],
+                r["ratio"],
+                "x".join(map(str, r["batch"])),
+                f"{r['dense_ms']:.2f}",
+                f"{r['lowrank_ms']:.2f}",
+                f"{r['speedup']:.2f}x",
+            ]
+            for r in res["workloads"]
+        ]
+        lines += _table(["model", "ratio", "batch", "dense ms", "low-rank ms", "speedup"], rows)
+        rows = [
+            [r["shape"], r["batch"], r["rank"], f"{r['speedup']:.2f}x", f"{r['flop_ratio']:.2f}x"]
+            for r in res["linear"] + res["conv"]
+        ]
+        lines += _table(["layer", "batch", "rank", "speedup", "FLOP ratio"], rows)
+    return lines
+
+
+def _projected(records: dict[str, dict]) -> list[str]:
+    lines = []
+    if "projected" in records:
+        res = records["projected"]["results"]
+        m, n = res["shape"]
+        lines += [
+            "### Projected gradient",
+            "",
+            f"One `relu` iteration on a {m} x {n} layer, {res['rows']} rows, rank "
+            f"{res['rank']}, float64, median of {res['repeats']}:",
+            "",
+        ]
+        rows = [
+            [
+                p["projection"],
+                f"{p['iterations_per_s']:.2f}",
+                f"{1e3 * p['seconds_per_iteration']:.1f}",
+                f"{p['speedup']:.2f}x",
+            ]
+            for p in res["projections"]
+        ]
+        lines += _table(["projection", "iterations / s", "ms / iteration", "speed-up"], rows)
+    rows = []
+    for w in WORKLOADS:
+        rec = records.get(f"quality_{w}")
+        if rec is None:
+            continue
+        res = rec["results"]
+        ratios = [r for r in dict.fromkeys(row["ratio"] for row in res["rows"]) if r != 1.0]
+        cell = {(r["method"], r["ratio"]): r for r in res["rows"]}
+        relu = [sum(la["seconds"] for la in cell[("relu", r)]["layers"]) for r in ratios]
+        lin = [sum(la["seconds"] for la in cell[("linear", r)]["layers"]) for r in ratios]
+        rows.append(
+            [
+                w,
+                f"{statistics.median(lin):.2f}",
+                f"{statistics.median(relu):.2f}",
+                f"{statistics.median(relu) / max(statistics.median(lin), 1e-9):.0f}x",
+                res["settings"]["options"] or "default",
+            ]
+        )
+    if rows:
+        lines += [
+            "Recovery time of all layers of a model (median over ratios, from the quality "
+            "runs; `relu` = projected gradient from the `linear` start):",
+            "",
+        ]
+        lines += _table(["workload", "linear s", "relu s", "relu / linear", "solver options"], rows)
+    return lines
+
+
+def write(folder: Path, page: Path) -> Path:
+    """Regenerate ``page`` (markdown) and its plots from the suite records in ``folder``."""
+    folder, page = Path(folder), Path(page)
+    records = load(folder)
+    plot = quality_plot(records, folder / "quality.png")
+    quality, misses = _quality(records)
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `python benchmarks/run.py` from the JSON files in "
+        f"`{os.path.relpath(folder, page.parent)}/`; do not edit by hand. Only ratios "
+        "measured in one process compare across machines.",
+        "",
+    ]
+    runs = sorted(records.values(), key=lambda r: r["started"])
+    if runs:
+        m, v = runs[-1]["machine"], runs[-1]["versions"]
+        lines += [
+            f"Machine: {m['cpu']}, {m['cpus_available']} CPUs available, "
+            f"{m['torch_threads']} torch threads; torch {v['torch']}, torch_lowrank "
+            f"{v['torch_lowrank']}, Python {v['python']}, commit "
+            f"{(v['git_commit'] or '?')[:10]}{' (dirty tree)' if v['git_dirty'] else ''}.",
+            "",
+            *_table(
+                ["benchmark", "mode", "started", "seconds", "load average"],
+                [
+                    [
+                        r["benchmark"],
+                        "quick" if r["quick"] else "full",
+                        r["started"],
+                        f"{r['seconds']:.0f}",
+                        " / ".join(f"{x:.1f}" for x in r["machine"]["load_average"] or []),
+                    ]
+                    for r in runs
+                ],
+            ),
+        ]
+    if quality:
+        lines += [
+            "## Quality at the same parameter count",
+            "",
+            "Every method compresses the same layers to the same ranks (the uniform "
+            "ratio's; global allocation gets exactly the same number of weights) from the "
+            "same calibration batches. Baselines keep the original bias. Best per column in "
+            "bold.",
+            "",
+        ]
+        if plot:
+            lines += [f"![quality against ratio]({os.path.relpath(plot, page.parent)})", ""]
+        lines += quality
+        lines += ["### Where our recovery does not lead", ""]
+        lines += [f"* {m}" for m in misses] or ["* nowhere: ours leads at every ratio"]
+        lines.append("")
+    for name, (module, title) in EXTRAS.items():
+        if name in records:
+            table = importlib.import_module(module).table
+            lines += [f"## {title}", "", table(records[name]["results"]["rows"]), ""]
+    cost = _cost(records)
+    if cost:
+        lines += ["## Cost", "", *cost]
+    page.write_text("\n".join(lines).rstrip() + "\n")
+    return page
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"
+    print(write(target, Path(__file__).parent / "RESULTS.md"))
