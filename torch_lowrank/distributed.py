@@ -160,23 +160,20 @@ def reduce_reservoir(
     dtype = torch.float32
     if reservoir is not None and reservoir.count:
         kept = reservoir.rows.shape[0]
-        rows[:kept], keys[:kept] = reservoir.rows.to(torch.float64), reservoir._keys
+        rows[:kept], keys[:kept] = reservoir.rows.to(torch.float64), reservoir.keys
         count[0], dtype = reservoir.count, reservoir.rows.dtype
     flags = _sum_(torch.tensor([float(dtype == torch.float64)], device=device))
-    all_rows = [torch.empty_like(rows) for _ in range(world)]
-    all_keys = [torch.empty_like(keys) for _ in range(world)]
-    dist.all_gather(all_rows, rows)
-    dist.all_gather(all_keys, keys)
-    _sum_(count)
-    merged = Reservoir(capacity)
-    merged.features = width
-    merged._count = int(round(count.item()))
-    if merged._count:
-        keys, rows = torch.cat(all_keys), torch.cat(all_rows)
-        valid = torch.nonzero(keys >= 0).squeeze(1)
-        top = valid[torch.topk(keys[valid], min(capacity, valid.shape[0])).indices]
-        merged._keys = keys[top]
-        merged._rows = rows[top].to(torch.float64 if flags.item() else torch.float32)
+    dtype = torch.float64 if flags.item() else torch.float32
+    gathered = [[torch.empty_like(t) for _ in range(world)] for t in (rows, keys, count)]
+    for parts, tensor in zip(gathered, (rows, keys, count)):
+        dist.all_gather(parts, tensor)
+    merged = Reservoir.from_sample(capacity, rows[:0], keys[:0], 0)
+    for part_rows, part_keys, part_count in zip(*gathered):
+        valid = part_keys >= 0
+        part = Reservoir.from_sample(
+            capacity, part_rows[valid].to(dtype), part_keys[valid], int(round(part_count.item()))
+        )
+        merged.merge_(part)
     return merged
 
 

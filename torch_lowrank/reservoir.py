@@ -97,6 +97,31 @@ class Reservoir:
         return self._rows
 
     @property
+    def keys(self) -> Tensor:
+        """The random keys of the kept rows, ``(min(count, capacity),)`` float64, row by row."""
+        if self._keys is None:
+            return torch.empty(0, dtype=torch.float64)
+        return self._keys
+
+    @classmethod
+    def from_sample(cls, capacity: int, rows: Tensor, keys: Tensor, count: int) -> Reservoir:
+        """A reservoir holding an existing sample: ``rows`` with their ``keys``, drawn from
+        ``count`` rows seen (e.g. a sample received from another process, to :meth:`merge_`).
+
+        Example:
+            >>> keys = torch.rand(2, dtype=torch.float64)
+            >>> part = Reservoir.from_sample(4, torch.ones(2, 3), keys, 2)
+            >>> part.count, tuple(part.rows.shape)
+            (2, (2, 3))
+        """
+        sample = cls(capacity)
+        sample.features = rows.shape[1]
+        sample._count = count
+        if rows.shape[0]:
+            sample._keep(rows, keys)
+        return sample
+
+    @property
     def nbytes(self) -> int:
         """Memory held by the kept rows and their keys, in bytes.
 
