@@ -129,6 +129,8 @@ def test_conv_moments_match_the_library_patch_statistics():
     data = [torch.randn(4, 3, 8, 8) for _ in range(3)]
     moments = baselines.collect_moments(model, data, ["0", "2", "5"])
     converted = tl.convert(copy.deepcopy(model), rank=2, activation=None, samples=0)
+    for name in ("0", "2", "5"):
+        converted.get_submodule(name).stats_space = "input"
     tl.calibrate(converted, data, progress=False)
     for name in ("0", "2", "5"):
         stats = converted.get_submodule(name).stats[0]

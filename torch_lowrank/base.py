@@ -2,8 +2,13 @@
 
 1. *calibrating* (built by ``from_linear`` / ``from_conv2d`` / ...): the module holds the original
    dense layer as ``dense``, forward is exactly that layer, and a forward pre-hook (a
-   ``RemovableHandle``) feeds every input sample row to a
-   :class:`~torch_lowrank.stats.CovarianceStats` (one per group of a grouped conv).
+   ``RemovableHandle``) sees every input. Statistics go to a
+   :class:`~torch_lowrank.stats.CovarianceStats` per group, kept in the narrower of two spaces
+   (:attr:`_LowRankBase.stats_space`): the input sample rows ``x`` (``n`` wide) when the layer
+   widens or keeps its width, the products ``W x + b`` the dense layer computes anyway (``m``
+   wide) when it narrows. The solution needs only ``W C W^T`` and ``W mu`` (DESIGN section 2),
+   and the narrower space costs ``N min(m, n)^2`` per batch, never more than the layer's own
+   ``N m n``. The reservoir of the activation-aware methods always holds input rows.
 2. *recovered* (after ``recover_()``): the module holds two factor layers, ``down`` (inputs to
    ``r``) and ``up`` (``r`` to outputs, with the bias); the dense layer, the statistics and the
    hook are gone.
@@ -171,6 +176,8 @@ class _LowRankBase(nn.Module):
         self.run_staged = False  # forward through ``staged`` instead of ``dense``
         self.offload: torch.device | None = None  # host copies of dense weight and statistics
         self.home: torch.device | None = None  # where the inputs arrive (and factors go)
+        m, n = self.matrix_shape
+        self._stats_space = "output" if m < n else "input"
         self._calibration_hook = self.register_forward_pre_hook(_observe)
 
     def _start_recovered(self, rank: int, add_bias: bool) -> None:
@@ -218,6 +225,47 @@ class _LowRankBase(nn.Module):
         raise NotImplementedError
 
     # -- calibration --------------------------------------------------------------------------
+    @property
+    def stats_space(self) -> str:
+        """Where the statistics are kept: ``"input"`` (the covariance of the ``n``-wide input
+        rows) or ``"output"`` (that of the ``m``-wide products ``W x + b``).
+
+        The default is the narrower space: ``"output"`` when ``m < n``. Both give the same
+        ``linear`` solution; set ``"input"`` before the first calibration batch to keep the
+        input covariance itself (e.g. to inspect it, or for a method that needs it).
+
+        Example:
+            >>> from torch_lowrank import LowRankLinear
+            >>> layer = LowRankLinear.from_linear(nn.Linear(64, 8), rank=2)
+            >>> layer.stats_space
+            'output'
+            >>> layer.stats_space = "input"
+            >>> _ = layer(torch.randn(32, 64))
+            >>> tuple(layer.stats[0].covariance.shape)
+            (64, 64)
+        """
+        return self._stats_space
+
+    @stats_space.setter
+    def stats_space(self, space: str) -> None:
+        if space not in ("input", "output"):
+            raise ValueError(
+                f"{self.layer_name}: stats_space must be 'input' or 'output'\nbut got {space!r}"
+            )
+        if self.samples_seen and space != self._stats_space:
+            raise RuntimeError(
+                f"{self.layer_name}: the statistics already hold {self.samples_seen} rows in the "
+                f"{self._stats_space} space;\nset stats_space before the first calibration batch"
+            )
+        self._stats_space = space
+
+    @property
+    def stats_features(self) -> int:
+        """The width of each group's statistics: ``n`` in the input space, ``m`` in the output
+        space."""
+        m, n = self.matrix_shape
+        return m if self._stats_space == "output" else n
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.calibrating:
             return self.up(self.down(x))
@@ -228,28 +276,95 @@ class _LowRankBase(nn.Module):
             self.home = x.device  # the dense layer lives in host memory: run a device copy
             tensors = dict(self.dense.named_parameters()) | dict(self.dense.named_buffers())
             moved = {name: t.to(x.device, non_blocking=True) for name, t in tensors.items()}
-            return functional_call(self.dense, moved, (x,))
-        return self.dense(x)
+            y = functional_call(self.dense, moved, (x,))
+        else:
+            y = self.dense(x)
+        if self.accumulating and self._stats_space == "output":
+            self._accumulate_outputs(y)
+        return y
+
+    def _start_accumulators(self) -> None:
+        if self.stats is None:
+            width = self.stats_features
+            self.stats = [CovarianceStats(width, self.offload) for _ in range(self.groups)]
+        if self.samples and self.reservoirs is None:
+            self.reservoirs = [Reservoir(self.samples, self.offload) for _ in range(self.groups)]
 
     @torch.no_grad()
     def _accumulate(self, x: Tensor) -> None:
+        """The pre-hook's work: count the inputs; feed the input rows to the reservoirs, and
+        to the statistics when they live in the input space."""
         if not self.accumulating:
             return
-        self.inputs_seen += self._inputs_in(x)
-        n = self.matrix_shape[1]
         with paused():  # the activation detector must not see these calls as consumers
+            if self._stats_space == "output":
+                self._sample_inputs(x)  # validates x even without a reservoir
+                self.inputs_seen += self._inputs_in(x)
+                return
+            n = self.matrix_shape[1]
             for rows in self._row_chunks(x):
-                if self.stats is None:
-                    self.stats = [CovarianceStats(n, self.offload) for _ in range(self.groups)]
-                    if self.samples:
-                        self.reservoirs = [
-                            Reservoir(self.samples, self.offload) for _ in range(self.groups)
-                        ]
+                self._start_accumulators()
                 for j, stats in enumerate(self.stats):
                     part = rows if self.groups == 1 else rows[:, j * n : (j + 1) * n]
                     stats.update(part)
                     if self.reservoirs is not None:
                         self.reservoirs[j].update(part)
+            self.inputs_seen += self._inputs_in(x)
+
+    def _sample_inputs(self, x: Tensor) -> None:
+        """Offer the input rows of ``x`` to the reservoirs (output-space statistics); a
+        subclass may screen rows before it builds them (a conv's patches)."""
+        n = self.matrix_shape[1]
+        chunks = self._row_chunks(x)
+        if not self.samples:
+            return
+        for rows in chunks:
+            self._start_accumulators()
+            for j, reservoir in enumerate(self.reservoirs):
+                reservoir.update(rows if self.groups == 1 else rows[:, j * n : (j + 1) * n])
+
+    @torch.no_grad()
+    def _accumulate_outputs(self, y: Tensor) -> None:
+        """Feed the dense layer's output rows ``W x + b`` to the output-space statistics."""
+        m = self.matrix_shape[0]
+        with paused():
+            rows = self._output_rows(y)
+            self._start_accumulators()
+            for j, stats in enumerate(self.stats):
+                stats.update(rows if self.groups == 1 else rows[..., j * m : (j + 1) * m])
+
+    def _output_rows(self, y: Tensor) -> Tensor:
+        """The dense layer's output ``y`` as a view ``(..., groups * m)``: every position of the
+        leading dimensions is one sample row."""
+        return y
+
+    def output_moments(self, group: int, fold: bool = False) -> tuple[Tensor, Tensor]:
+        """The mean ``(m,)`` and covariance ``(m, m)`` of ``W x`` (without the bias) for one
+        group, float64, from either space; with ``fold``, of the folded ``W``.
+
+        Example:
+            >>> from torch_lowrank import LowRankLinear
+            >>> layer = LowRankLinear.from_linear(nn.Linear(6, 3), rank=1)
+            >>> _ = layer(torch.randn(100, 6))
+            >>> mean, cov = layer.output_moments(0)
+            >>> tuple(mean.shape), tuple(cov.shape)
+            ((3,), (3, 3))
+        """
+        stats = self.stats[group]
+        weight, bias = self._matrices()[group]
+        if self._stats_space == "input":
+            W = weight.detach().to(stats.mean.device, torch.float64)
+            mean, cov = W @ stats.mean, W @ stats.covariance @ W.T
+        else:
+            mean, cov = stats.mean, stats.covariance
+            if bias is not None:
+                mean = mean - bias.detach().to(mean.device, torch.float64)
+        if fold and self.folded_batchnorm:
+            m = self.matrix_shape[0]
+            scale, _ = batchnorm_affine(self.folded_batchnorm[0])
+            s = scale[group * m : (group + 1) * m].to(mean.device, torch.float64)
+            mean, cov = mean * s, cov * s[:, None] * s[None, :]
+        return mean, cov
 
     @property
     def samples_seen(self) -> int:

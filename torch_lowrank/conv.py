@@ -40,6 +40,30 @@ def _pair(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
+def _out_size(x: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> tuple[int, int]:
+    """The output size ``(h_out, w_out)`` of a conv over a padded ``(B, C, H, W)`` input
+    (zero or negative: no position)."""
+    H, W = x.shape[2:]
+    h_out = (H - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    w_out = (W - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return max(h_out, 0), max(w_out, 0)
+
+
+def _patches_at(x: Tensor, index: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> Tensor:
+    """The patches of a padded ``(B, C, H, W)`` input at flat output positions ``index``
+    (``image * h_out * w_out + row * w_out + col``, the order of :func:`_patch_rows`), as rows
+    ``(len(index), C kh kw)`` laid out like ``unfold``'s."""
+    B, C = x.shape[:2]
+    h_out, w_out = _out_size(x, kernel, stride, dilation)
+    image, place = index // (h_out * w_out), index % (h_out * w_out)
+    top = (place // w_out) * stride[0]
+    left = (place % w_out) * stride[1]
+    rows = top[:, None] + dilation[0] * torch.arange(kernel[0], device=x.device)  # (k, kh)
+    cols = left[:, None] + dilation[1] * torch.arange(kernel[1], device=x.device)  # (k, kw)
+    patches = x[image[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (k, kh, kw, C)
+    return patches.permute(0, 3, 1, 2).reshape(index.shape[0], C * kernel[0] * kernel[1])
+
+
 def _patch_rows(
     x: Tensor, kernel: tuple, stride: tuple, dilation: tuple, budget: int
 ) -> Iterator[Tensor]:
@@ -47,8 +71,7 @@ def _patch_rows(
     chunks of at most ``budget`` elements (at least one output row of one image)."""
     B, C, H, W = x.shape
     n = C * kernel[0] * kernel[1]
-    h_out = (H - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    w_out = (W - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    h_out, w_out = _out_size(x, kernel, stride, dilation)
     if h_out <= 0 or w_out <= 0:
         return
 
@@ -167,13 +190,17 @@ class _LowRankConv(_LowRankBase):
                 pads += [self.padding[i], self.padding[i]]
         return pads
 
-    def _row_chunks(self, x: Tensor) -> Iterator[Tensor]:
+    def _check_input(self, x: Tensor) -> None:
         d = self._dims
         if x.dim() not in (d + 1, d + 2) or x.shape[-d - 1] != self.in_channels:
             raise ValueError(
                 f"{self.layer_name}: expected input of shape (N, {self.in_channels}, "
                 f"{', '.join('*' * d)})\nbut got shape {tuple(x.shape)}"
             )
+
+    def _padded(self, x: Tensor) -> tuple[Tensor, tuple, tuple, tuple]:
+        """``x`` as the conv sees it: batched, padded, 2d; with kernel, stride and dilation."""
+        d = self._dims
         if x.dim() == d + 1:
             x = x.unsqueeze(0)  # unbatched input
         pads = self._explicit_padding()
@@ -184,7 +211,36 @@ class _LowRankConv(_LowRankBase):
         if d == 1:  # a 1d conv is a 2d conv over a map of height 1
             x = x.unsqueeze(2)
             kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
-        return _patch_rows(x, kernel, stride, dilation, self.chunk_elements)
+        return x, kernel, stride, dilation
+
+    def _row_chunks(self, x: Tensor) -> Iterator[Tensor]:
+        self._check_input(x)
+        return _patch_rows(*self._padded(x), self.chunk_elements)
+
+    def _sample_inputs(self, x: Tensor) -> None:
+        """Offer every output position to the reservoirs, and build the patches of only the
+        positions that can enter (at most ``samples`` per batch): no ``unfold`` of the map."""
+        self._check_input(x)
+        if not self.samples:
+            return
+        padded, kernel, stride, dilation = self._padded(x)
+        count = padded.shape[0] * math.prod(_out_size(padded, kernel, stride, dilation))
+        if count == 0:
+            return
+        self._start_accumulators()
+        n = self.matrix_shape[1]
+        for j, reservoir in enumerate(self.reservoirs):
+            reservoir.offer(
+                count,
+                lambda index, j=j: _patches_at(padded, index, kernel, stride, dilation)[
+                    :, j * n : (j + 1) * n
+                ],
+            )
+
+    def _output_rows(self, y: Tensor) -> Tensor:
+        if y.dim() == self._dims + 1:
+            y = y.unsqueeze(0)  # unbatched input
+        return y.movedim(1, -1)  # (B, *positions, C_out), a view
 
     def _matrices(self) -> list[tuple[Tensor, Tensor | None]]:
         m, n = self.matrix_shape

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import distributed, solvers
+from . import distributed
 from .activations import static_activations
 from .allocation import LayerBudget, allocate
 from .base import METHODS, _LowRankBase
@@ -39,7 +39,7 @@ from .convert import (
 )
 from .corrective import corrective_plans, device_of, held_bytes, solve_cost
 from .report import LayerReport, Report
-from .solve import plan_layer
+from .solve import plan_layer, spectrum_of
 
 __all__ = ["recover_", "compress"]
 
@@ -104,11 +104,7 @@ def _global_ranks(
         m, n = module.matrix_shape
         name = found[module][0]
         if module in pending:
-            weights = module._weights(bool(fold[module]))
-            spectrum = sum(
-                solvers.output_spectrum(w, stats.covariance)
-                for (w, _), stats in zip(weights, module.stats)
-            )
+            spectrum = sum(spectrum_of(module, j, bool(fold[module])) for j in range(module.groups))
             low, high = spec["min_rank"], spec["max_rank"]
             modules[name] = module
         else:  # a fixed rank (overrides) spends its share of the budget first
@@ -156,11 +152,12 @@ def _summed_over_ranks(found: dict[nn.Module, list[str]]) -> Iterator[None]:
     try:
         for module in found:
             n, device = module.matrix_shape[1], device_of(module)
+            width = module.stats_features
             inputs = torch.tensor([float(module.inputs_seen)], device=device)
             torch.distributed.all_reduce(inputs)
             module.inputs_seen = int(inputs.item())
             stats = module.stats or [None] * module.groups
-            module.stats = [distributed.reduce_covariance(s, n, device) for s in stats]
+            module.stats = [distributed.reduce_covariance(s, width, device) for s in stats]
             if module.samples:
                 reservoirs = module.reservoirs or [None] * module.groups
                 module.reservoirs = [

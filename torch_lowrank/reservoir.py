@@ -9,9 +9,12 @@ Every row gets an independent uniform random key and the reservoir keeps the ``c
 with the largest keys (Efraimidis and Spirakis, "Weighted random sampling with a reservoir", 2006,
 with equal weights). The kept set is a uniform sample of the rows seen, whatever the batch sizes,
 and two reservoirs merge *exactly*: the top ``capacity`` keys of the union are a uniform sample of
-the union, which is what calibration split across processes needs. A batch is screened against the
-current smallest kept key before anything is copied, so a batch of millions of conv patches costs
-one key per row and at most ``capacity`` copied rows.
+the union, which is what calibration split across processes needs.
+
+Rows are built only when they can enter (:meth:`Reservoir.offer`): a batch's keys are drawn
+first, a full reservoir screens them against its smallest kept key, and a batch of millions of
+conv patches costs one key per position and at most ``capacity`` patches built. Candidates of a
+full reservoir wait and are merged half the capacity at a time.
 
 Keys come from :func:`torch.rand` (the global generator, on the rows' device), so results are
 reproducible under :func:`torch.manual_seed`.
@@ -20,6 +23,7 @@ reproducible under :func:`torch.manual_seed`.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -69,6 +73,9 @@ class Reservoir:
         self._count = 0
         self._rows: Tensor | None = None  # (k, w) float32 or float64, k <= capacity
         self._keys: Tensor | None = None  # (k,) float64, the keys of the kept rows
+        self._pending: list[tuple[Tensor, Tensor]] = []  # screened (rows, keys) not yet merged
+        self._pending_count = 0
+        self._threshold: Tensor | None = None  # the smallest kept key of a full reservoir
 
     @property
     def count(self) -> int:
@@ -92,6 +99,7 @@ class Reservoir:
             >>> sorted(sample.rows[:, 0].tolist())
             [0.0, 2.0, 4.0]
         """
+        self._flush()
         if self._rows is None:
             return torch.empty(0, self.features or 0)
         return self._rows
@@ -99,6 +107,7 @@ class Reservoir:
     @property
     def keys(self) -> Tensor:
         """The random keys of the kept rows, ``(min(count, capacity),)`` float64, row by row."""
+        self._flush()
         if self._keys is None:
             return torch.empty(0, dtype=torch.float64)
         return self._keys
@@ -133,7 +142,8 @@ class Reservoir:
         """
         if self._rows is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self._rows, self._keys))
+        held = [self._rows, self._keys, *(t for pair in self._pending for t in pair)]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def _check_rows(self, rows: Tensor) -> None:
         if rows.dim() != 2 or (self.features is not None and rows.shape[1] != self.features):
@@ -148,35 +158,50 @@ class Reservoir:
             )
 
     def _keep(self, rows: Tensor, keys: Tensor) -> None:
-        """Keep the top-``capacity`` keys of the kept rows together with ``(rows, keys)``.
-
-        ``rows`` is cast to the storage dtype only after selection, so a large float16 batch is
-        never copied in full.
-        """
+        """Keep the top-``capacity`` keys of the kept rows together with ``(rows, keys)``, the
+        screened candidates (:meth:`offer` builds at most ``capacity`` rows per batch)."""
         work = torch.float64 if rows.dtype == torch.float64 else torch.float32
         if self._rows is not None and self._rows.dtype != work:
             work = torch.float64  # float32 and float64 batches mixed: keep the precision
             self._rows = self._rows.to(work)
-        if self._keys is not None and self._keys.shape[0] == self.capacity:
+        room = self.capacity - (0 if self._keys is None else self._keys.shape[0])
+        if room > 0:  # fill up first; what does not fit then competes for the kept slots
+            head_rows, head_keys = rows[:room].to(work), keys[:room]
+            if self._rows is None:
+                self._rows, self._keys = head_rows, head_keys.clone()
+            else:
+                self._rows = torch.cat([self._rows, head_rows])
+                self._keys = torch.cat([self._keys, head_keys])
+            rows, keys = rows[room:], keys[room:]
+            self._threshold = None
+        if keys.shape[0]:
             self._replace(rows, keys, work)
+
+    def _flush(self) -> None:
+        """Merge the screened candidates waiting in ``_pending`` (see :meth:`offer`)."""
+        if not self._pending:
             return
-        if self._keys is None:
-            all_keys, old = keys, 0
-        else:
-            all_keys, old = torch.cat([self._keys, keys]), self._keys.shape[0]
-        top = torch.topk(all_keys, min(self.capacity, all_keys.shape[0])).indices
-        from_new = top >= old
-        new_rows = rows[top[from_new] - old].to(work)
-        if self._rows is None:
-            self._rows = new_rows
-        else:
-            self._rows = torch.cat([self._rows[top[~from_new]], new_rows])
-        self._keys = torch.cat([all_keys[top[~from_new]], all_keys[top[from_new]]])
+        rows = torch.cat([r for r, _ in self._pending])
+        keys = torch.cat([k for _, k in self._pending])
+        self._pending, self._pending_count = [], 0
+        self._keep(rows, keys)
 
     def _replace(self, rows: Tensor, keys: Tensor, work: torch.dtype) -> None:
         """A full reservoir: the ``k`` new keys can only displace the ``k`` smallest kept ones,
         so those slots are overwritten in place (nothing else is copied)."""
-        low = torch.topk(self._keys, min(keys.shape[0], self.capacity), largest=False).indices
+        k = keys.shape[0]
+        if k < self.capacity:
+            # the k-th smallest key of the union splits it: kept keys at or below it leave,
+            # new keys above it enter (as many, since random float64 keys do not tie)
+            cut = torch.kthvalue(torch.cat([self._keys, keys]), k).values
+            slots = torch.nonzero(self._keys <= cut).squeeze(1)
+            chosen = torch.nonzero(keys > cut).squeeze(1)
+            if slots.shape[0] == chosen.shape[0]:
+                self._rows.index_copy_(0, slots, rows.index_select(0, chosen).to(work))
+                self._keys.index_copy_(0, slots, keys.index_select(0, chosen))
+                self._threshold = None
+                return
+        low = torch.topk(self._keys, min(k, self.capacity), largest=False).indices
         pool = torch.cat([self._keys[low], keys])
         winners = torch.topk(pool, low.shape[0]).indices
         from_new = winners >= low.shape[0]
@@ -185,6 +210,7 @@ class Reservoir:
         slots, chosen = low[lost], winners[from_new] - low.shape[0]
         self._rows[slots] = rows[chosen].to(work)
         self._keys[slots] = keys[chosen]
+        self._threshold = None
 
     @torch.no_grad()
     def update(self, rows: Tensor) -> None:
@@ -200,21 +226,71 @@ class Reservoir:
         self._check_rows(rows)
         if self.features is None:
             self.features = rows.shape[1]
-        n = rows.shape[0]
-        if n == 0:
-            return
-        self._count += n
         rows = rows.detach()
-        keys = torch.rand(n, device=rows.device, dtype=torch.float64)
-        if self._keys is not None and self._keys.shape[0] >= self.capacity:
+        self.offer(rows.shape[0], lambda index: rows.index_select(0, index), rows.device)
+
+    @torch.no_grad()
+    def offer(
+        self,
+        count: int,
+        rows_at: Callable[[Tensor], Tensor],
+        device: str | torch.device = "cpu",
+    ) -> None:
+        """Offer ``count`` rows that are only built if they can enter the sample.
+
+        Every row gets its key first; ``rows_at(index)`` is then called once, with the
+        positions (a ``LongTensor`` on ``device``) of at most ``capacity`` rows that can still
+        enter, and must return those rows ``(len(index), w)``. A conv offers its output
+        positions this way and builds only the chosen patches.
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> sample, built = Reservoir(4), []
+            >>> table = torch.arange(2000.0).reshape(1000, 2)
+            >>> sample.offer(1000, lambda index: built.append(len(index)) or table[index])
+            >>> sample.count, tuple(sample.rows.shape), built
+            (1000, (4, 2), [4])
+        """
+        if count == 0:
+            return
+        device = torch.device(device)
+        if self.store is None and self._rows is not None and device != self._rows.device:
+            raise ValueError(
+                f"expected rows on {self._rows.device}, where the reservoir lives\n"
+                f"but got rows on {device}"
+            )
+        keys = torch.rand(count, device=device, dtype=torch.float64)
+        full = self._keys is not None and self._keys.shape[0] >= self.capacity
+        if full:
             # A row whose key is below the smallest kept key can never enter: screen first.
-            candidates = torch.nonzero(keys > self._keys.min().to(keys.device)).squeeze(1)
-            if candidates.shape[0] == 0:
-                return
-            rows, keys = rows[candidates], keys[candidates]
+            # The threshold may lag behind the waiting candidates; a lower one only lets more in.
+            if self._threshold is None or self._threshold.device != device:
+                self._threshold = self._keys.min().to(device)
+            index = torch.nonzero(keys > self._threshold).squeeze(1)
+        elif count > self.capacity:  # only the batch's own top keys can enter
+            index = torch.topk(keys, self.capacity).indices
+        else:
+            index = torch.arange(count, device=device)
+        rows = rows_at(index).detach() if index.shape[0] else None
+        if rows is not None:
+            self._check_rows(rows)
+            if self.features is None:
+                self.features = rows.shape[1]
+        self._count += count
+        if rows is None:
+            return
+        keys = keys[index]
         if self.store is not None:  # only the candidates travel to the store
             rows, keys = rows.to(self.store), keys.to(self.store)
-        self._keep(rows, keys)
+        if not full:
+            self._keep(rows, keys)
+            return
+        # Candidates of a full reservoir wait and are merged together: one selection per
+        # half capacity of them instead of one per batch.
+        self._pending.append((rows, keys))
+        self._pending_count += rows.shape[0]
+        if self._pending_count >= max(1, self.capacity // 2):
+            self._flush()
 
     @torch.no_grad()
     def merge_(self, other: Reservoir) -> Reservoir:
@@ -238,6 +314,8 @@ class Reservoir:
                 f"expected a reservoir of capacity >= {self.capacity}\n"
                 f"but got one of capacity {other.capacity}"
             )
+        self._flush()
+        other._flush()
         if other._rows is None:
             self._count += other._count
             return self

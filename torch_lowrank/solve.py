@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import Tensor
 
 from . import projected, solvers
@@ -67,17 +68,24 @@ def solve_layer(
             f"(samples=0); convert with samples > 0 or use method='linear'"
         )
 
+    outputs = paired is None and module.stats_space == "output"
+
     def solve_group(j: int, weight: Tensor, bias: Tensor | None, rank, energy):
         stats = sources[j] if seen else None
+        if stats is not None and outputs:  # the moments of W x, for the (folded) weight
+            mean, cov = module.output_moments(j, fold)
+        elif stats is not None:
+            mean, cov = stats.mean, stats.covariance
         if method == "svd":
-            moments = {}
-            if stats is not None:
-                moments = {"mean": stats.mean, "cov": stats.covariance}
+            moments = {} if stats is None else {"mean": mean, "cov": cov, "outputs": outputs}
             return solvers.svd(weight, bias, rank, energy, **moments)
-        if paired is None:
-            start = solvers.linear(
-                weight, bias, stats.mean, stats.covariance, rank, energy, module.add_bias
+        if outputs:
+            start = solvers.linear_from_outputs(
+                weight, bias, mean, cov, rank, energy, module.add_bias
             )
+            rows, targets = (module.reservoirs[j].rows, None) if aware else (None, None)
+        elif paired is None:
+            start = solvers.linear(weight, bias, mean, cov, rank, energy, module.add_bias)
             rows, targets = (module.reservoirs[j].rows, None) if aware else (None, None)
         else:
             start = solvers.corrective(
@@ -128,3 +136,13 @@ def plan_layer(
         return ("dense", f"rank {rank} for energy={module.energy} saves nothing")
     layers = module._factor_layers(factors)
     return ("factors", factors, layers, time.perf_counter() - start, fold)
+
+
+def spectrum_of(module, group: int, fold: bool) -> Tensor:
+    """The descending eigenvalues of one group's output covariance ``W C W^T`` (``min(m, n)`` of
+    them), from the statistics in either space: what ``linear`` keeps and drops at each rank."""
+    if module.stats_space == "output":
+        _, cov = module.output_moments(group, fold)
+        return torch.linalg.eigvalsh((cov + cov.T) / 2).flip(0).clamp_min(0.0)
+    weight, _ = module._weights(fold)[group]
+    return solvers.output_spectrum(weight, module.stats[group].covariance)

@@ -9,6 +9,9 @@ A layer is the matrix ``W`` (m x n, out x in) and bias ``b``; a conv is its weig
   (DESIGN section 2; Zhang & Saab, arXiv 2502.02766): ``P_r`` = top-r eigenvectors of the output
   covariance ``W C W^T``, ``Z = P_r P_r^T W``, ``c = b + (W - Z) mu``. Its error is the
   eigenvalue tail. It never inverts or Cholesky-factors ``C``, so a singular ``C`` is fine.
+* :func:`linear_from_outputs` — the same optimum from the moments of the products ``W x``
+  themselves (``m x m``), which is all it needs: what a layer that narrows (``m < n``) collects,
+  because ``N m^2`` costs less than ``N n^2`` during calibration.
 
 Everything is computed in float64 on the device of the weight.
 """
@@ -26,6 +29,7 @@ __all__ = [
     "select_rank",
     "svd",
     "linear",
+    "linear_from_outputs",
     "corrective",
     "output_error",
     "output_spectrum",
@@ -149,10 +153,13 @@ def svd(
     energy: float | None = None,
     mean: Tensor | None = None,
     cov: Tensor | None = None,
+    *,
+    outputs: bool = False,
 ) -> Factors:
     """Truncated SVD of the weight (data-agnostic); the bias is kept as it is.
 
-    ``mean``/``cov`` are optional and only used to report the error on calibration data.
+    ``mean``/``cov`` are optional and only used to report the error on calibration data: the
+    moments of the inputs ``x``, or with ``outputs=True`` those of the products ``W x``.
 
     Example:
         >>> w = torch.randn(6, 4, dtype=torch.float64)
@@ -166,7 +173,16 @@ def svd(
     up, down = U[:, :r], S[:r, None] * Vh[:r]
     new_bias = None if bias is None else bias.detach().to(torch.float64).clone()
     error = variance = math.nan
-    if mean is not None and cov is not None:
+    if mean is not None and cov is not None and outputs:
+        # W - up down = (I - up up^T) W: the error is the part of W x outside span(up)
+        cov = cov.to(device=W.device, dtype=torch.float64)
+        mean = mean.to(device=W.device, dtype=torch.float64)
+        lost_cov = cov - up @ (up.T @ cov)
+        lost_cov = lost_cov - (lost_cov @ up) @ up.T
+        lost_mean = mean - up @ (up.T @ mean)
+        error = float(torch.trace(lost_cov) + lost_mean.square().sum())
+        variance = float(torch.trace(cov))
+    elif mean is not None and cov is not None:
         error = output_error(W, bias, up, down, new_bias, mean, cov)
         variance = float(((W @ cov) * W).sum())
     return Factors(up, down, new_bias, error, variance, S.square())
@@ -189,7 +205,8 @@ def linear(
     without bias and ``add_bias=False`` is solved on the uncentred second moment (the optimum
     without an intercept) and stays without bias.
 
-    Cost: when ``m <= n``, one ``m x m`` eigendecomposition; when ``m > n`` the work happens in the
+    Cost: when ``m <= n``, one ``m x m`` eigendecomposition (see :func:`linear_from_outputs`);
+    when ``m > n`` the work happens in the
     n-dimensional space (two ``n x n`` eigendecompositions and products with ``W``), so the cost
     grows like ``min(m, n)^3 + m n min(m, n)``.
 
@@ -215,10 +232,7 @@ def linear(
         moment = moment + torch.outer(mean, mean)
 
     if m <= n:
-        spectrum, evecs = _descending_eigh(W @ moment @ W.T)  # (m,), (m, m)
-        r = select_rank(spectrum, rank, energy)
-        up = evecs[:, :r]
-        down = up.T @ W  # (r, n)
+        return linear_from_outputs(W, bias, W @ mean, W @ cov.to(W) @ W.T, rank, energy, add_bias)
     else:
         # W C W^T = A A^T with A = W C^{1/2}; its top eigenvectors are the top left singular
         # vectors of A, found from the n x n matrix A^T A = C^{1/2} (W^T W) C^{1/2}.
@@ -245,6 +259,58 @@ def linear(
     else:
         new_bias = None
         variance = float(spectrum.sum()) - float((W @ mean).square().sum())
+    error = float(spectrum[r:].sum())
+    return Factors(up, down, new_bias, error, max(variance, 0.0), spectrum)
+
+
+def linear_from_outputs(
+    weight: Tensor,
+    bias: Tensor | None,
+    mean: Tensor,
+    cov: Tensor,
+    rank: int | None = None,
+    energy: float | None = None,
+    add_bias: bool = True,
+) -> Factors:
+    r""":func:`linear` from the moments of the products ``W x`` instead of the inputs ``x``.
+
+    The optimum needs the inputs only through ``W C W^T`` and ``W mu``: the covariance and mean
+    of ``W x`` (the pre-activations without the bias). A layer that narrows (``m < n``)
+    accumulates those ``m x m`` moments from its own outputs during calibration, which costs
+    ``N m^2`` instead of ``N n^2``; this solves from them, with the same result as
+    :func:`linear` on the input moments.
+
+    Args:
+        weight: ``(m, n)``. bias: ``(m,)`` or ``None``.
+        mean: ``(m,)`` mean of ``W x``. cov: ``(m, m)`` covariance of ``W x`` (may be singular).
+        rank / energy / add_bias: as for :func:`linear`.
+
+    Example:
+        >>> w, x = torch.randn(3, 8, dtype=torch.float64), torch.randn(500, 8, dtype=torch.float64)
+        >>> wx = x @ w.T
+        >>> f = linear_from_outputs(w, None, wx.mean(0), torch.cov(wx.T, correction=0), rank=2)
+        >>> g = linear(w, None, x.mean(0), torch.cov(x.T, correction=0), rank=2)
+        >>> torch.allclose(f.up @ f.down, g.up @ g.down) and abs(f.error - g.error) < 1e-9
+        True
+    """
+    W = weight.detach().to(torch.float64)
+    mean = mean.to(device=W.device, dtype=torch.float64)
+    moment = cov.to(device=W.device, dtype=torch.float64)
+    centred = add_bias or bias is not None
+    if not centred:
+        moment = moment + torch.outer(mean, mean)
+    spectrum, evecs = _descending_eigh(moment)  # (m,), (m, m)
+    r = select_rank(spectrum, rank, energy)
+    up = evecs[:, :r]
+    down = up.T @ W  # (r, n)
+    if centred:
+        new_bias = mean - up @ (up.T @ mean)  # (W - Z) mu
+        if bias is not None:
+            new_bias = new_bias + bias.detach().to(torch.float64)
+        variance = float(spectrum.sum())
+    else:
+        new_bias = None
+        variance = float(spectrum.sum()) - float(mean.square().sum())
     error = float(spectrum[r:].sum())
     return Factors(up, down, new_bias, error, max(variance, 0.0), spectrum)
 

@@ -15,6 +15,8 @@ The accumulator is a plain object, not a buffer: it is never part of a ``state_d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -48,8 +50,74 @@ class CovarianceStats:
         self.store = None if store is None else torch.device(store)
         self.count = 0
         self.shift: Tensor | None = None  # (n,) float64
-        self.sum: Tensor | None = None  # (n,) float64, sum of (x - shift)
-        self.sum_sq: Tensor | None = None  # (n, n) float64, sum of (x - shift)(x - shift)^T
+        self._sum: Tensor | None = None  # (n,) float64, sum of (x - shift)
+        self._sum_sq: Tensor | None = None  # (n, n) float64, sum of (x - shift)(x - shift)^T
+        self._shift_work: Tensor | None = None  # the shift in the work dtype, on the rows' device
+        self._waiting: Tensor | None = None  # (rows, n) float32: small shifted batches that
+        self._pending_rows = 0  # wait in its first rows for one product together
+
+    @property
+    def sum(self) -> Tensor | None:
+        """``sum (x - shift)``, ``(n,)`` float64 (``None`` before any row)."""
+        self._flush()
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: Tensor | None) -> None:
+        self._flush()
+        self._sum = value
+
+    @property
+    def sum_sq(self) -> Tensor | None:
+        """``sum (x - shift)(x - shift)^T``, ``(n, n)`` float64 (``None`` before any row)."""
+        self._flush()
+        return self._sum_sq
+
+    @sum_sq.setter
+    def sum_sq(self, value: Tensor | None) -> None:
+        self._flush()
+        self._sum_sq = value
+
+    @property
+    def _batch_rows(self) -> int:
+        """Batches of fewer rows wait for company: one product over about this many rows runs
+        near the matmul's full speed, one per small batch does not. The wait holds at most
+        ``2 n`` rows of float32, no more memory than the ``n x n`` float64 sums themselves."""
+        return max(1, min(1024, 2 * self.features, self.chunk_elements // self.features))
+
+    def _flush(self) -> None:
+        if not self._pending_rows:
+            return
+        x = self._waiting[: self._pending_rows]
+        self._pending_rows = 0
+        self._sum += x.sum(0).to(self._sum.device, torch.float64)
+        self._add_product(x)
+
+    def _wait_slot(self, count: int, device: torch.device) -> Tensor:
+        """``count`` free rows of the waiting buffer (flushing it first when they do not fit)."""
+        if self._waiting is None or self._waiting.device != device:
+            self._flush()
+            self._waiting = torch.empty(self._batch_rows, self.features, device=device)
+        if self._pending_rows + count > self._waiting.shape[0]:
+            self._flush()
+        start = self._pending_rows
+        self._pending_rows += count
+        return self._waiting[start : start + count]
+
+    def _add_product(self, x: Tensor) -> None:
+        """``sum_sq += x^T x`` (float32 product, float64 sum). From 384 features on, the
+        product is symmetric in two halves: three quarter-size products instead of four."""
+        acc, n = self._sum_sq, self.features
+        if n < 384:
+            acc += (x.T @ x).to(acc.device, torch.float64)
+            return
+        h = n // 2
+        a, b = x[:, :h], x[:, h:]
+        upper = (a.T @ b).to(acc.device, torch.float64)
+        acc[:h, :h] += (a.T @ a).to(acc.device, torch.float64)
+        acc[:h, h:] += upper
+        acc[h:, :h] += upper.T
+        acc[h:, h:] += (b.T @ b).to(acc.device, torch.float64)
 
     @property
     def device(self) -> torch.device | None:
@@ -59,37 +127,76 @@ class CovarianceStats:
     @property
     def nbytes(self) -> int:
         """Memory held by the running sums, in bytes."""
-        if self.sum_sq is None:
+        if self._sum_sq is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.shift, self.sum, self.sum_sq))
+        held = [self.shift, self._sum, self._sum_sq]
+        held += [] if self._waiting is None else [self._waiting]
+        return sum(t.numel() * t.element_size() for t in held)
 
     @torch.no_grad()
     def update(self, rows: Tensor) -> None:
-        """Add a batch of rows ``(N, n)`` to the sums."""
-        if rows.dim() != 2 or rows.shape[1] != self.features:
+        """Add a batch of rows ``(N, n)`` to the sums.
+
+        Any ``(..., n)`` view is taken as its rows, so a conv's output ``(B, H, W, C)`` (a
+        ``movedim`` view) needs no copy of its own: the shift is subtracted straight into the
+        row layout, a chunk of at most :attr:`chunk_elements` elements at a time.
+        """
+        for _ in self._shifted_chunks(rows, defer=True):
+            pass
+
+    #: Rows are shifted and multiplied in chunks of at most this many elements (4 MiB of
+    #: float32): a small scratch tensor is reused by the allocator, a large one costs fresh
+    #: pages on every batch.
+    chunk_elements: int = 1 << 20
+
+    def _check(self, rows: Tensor) -> None:
+        if rows.dim() < 2 or rows.shape[-1] != self.features:
             raise ValueError(
                 f"expected rows of shape (N, {self.features})\nbut got shape {tuple(rows.shape)}"
             )
-        if rows.shape[0] == 0:
-            return
-        work = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        x = rows.detach().to(work)
-        if self.shift is None:
-            self.shift = x.mean(0, dtype=torch.float64).to(self.store or x.device)
-            self.sum = torch.zeros_like(self.shift)
-            self.sum_sq = torch.zeros(
-                self.features, self.features, dtype=torch.float64, device=self.shift.device
-            )
-        elif self.store is None and x.device != self.shift.device:
+        if self.shift is not None and self.store is None and rows.device != self.shift.device:
             raise ValueError(
-                f"calibration rows arrived on {x.device}\n"
+                f"calibration rows arrived on {rows.device}\n"
                 f"but the statistics live on {self.shift.device}; keep the model on one device"
             )
-        x = x - self.shift.to(x.device, work)
+
+    def _shifted_chunks(self, rows: Tensor, defer: bool = False) -> Iterator[Tensor]:
+        """Add ``rows`` to the sums chunk by chunk, yielding each chunk shifted, ``(k, n)`` in
+        the work dtype (float32, or float64 for float64 rows). ``defer`` lets a small chunk
+        wait for the next ones before its product (see :attr:`_batch_rows`)."""
+        self._check(rows)
+        if rows.numel() == 0:
+            return
+        work = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        rows = rows.detach()
+        if self.shift is None:
+            leading = tuple(range(rows.dim() - 1))  # any centre near the mean will do
+            self.shift = rows.mean(leading, dtype=work).to(self.store or rows.device, torch.float64)
+            self._sum = torch.zeros_like(self.shift)
+            self._sum_sq = torch.zeros(
+                self.features, self.features, dtype=torch.float64, device=self.shift.device
+            )
+        shift = self._shift_work
+        if shift is None or shift.device != rows.device or shift.dtype != work:
+            shift = self._shift_work = self.shift.to(rows.device, work)
         home = self.shift.device
-        self.sum += x.sum(0, dtype=torch.float64).to(home)
-        self.sum_sq += (x.T @ x).to(home, torch.float64)  # batch product in float32, sum in float64
-        self.count += x.shape[0]
+        step = max(1, self.chunk_elements // max(1, rows[0].numel()))
+        for part in (rows,) if rows.shape[0] <= step else rows.split(step):
+            count = part.numel() // self.features
+            wait = defer and count < self._batch_rows and work == torch.float32
+            if wait:  # shifted straight into the waiting buffer
+                x = self._wait_slot(count, rows.device)
+            else:
+                x = torch.empty(count, self.features, dtype=work, device=rows.device)
+            torch.sub(part, shift, out=x.view(part.shape))  # one pass: cast, shift, row layout
+            # batch products (the sum too) in the work dtype, running sums in float64
+            self.count += count
+            if not wait:
+                self._sum += x.sum(0).to(home, torch.float64)
+                self._add_product(x)
+            elif self._pending_rows == self._waiting.shape[0]:
+                self._flush()
+            yield x
 
     def _require_data(self) -> None:
         if self.count == 0:
@@ -143,6 +250,7 @@ class CovarianceStats:
                 t.clone() for t in (other.shift, other.sum, other.sum_sq)
             )
             self.count = other.count
+            self._shift_work = None
             return self
         # Re-centre other's sums from its shift to ours: x - s = (x - t) + (t - s).
         delta = other.shift.to(self.shift.device) - self.shift
@@ -197,13 +305,14 @@ class CrossStats:
                 f"expected paired rows of one shape\n"
                 f"but got {tuple(tilde_rows.shape)} and {tuple(rows.shape)}"
             )
-        self.tilde.update(tilde_rows)
-        self.original.update(rows)
-        work = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        t = tilde_rows.detach().to(work) - self.tilde.shift.to(tilde_rows.device, work)
-        x = rows.detach().to(work) - self.original.shift.to(rows.device, work)
-        product = (t.T @ x).to(self.tilde.shift.device, torch.float64)
-        self.sum_cross = product if self.sum_cross is None else self.sum_cross + product
+        self.tilde._check(tilde_rows)  # both sides first: a bad batch adds nothing
+        self.original._check(rows)
+        pairs = zip(self.tilde._shifted_chunks(tilde_rows), self.original._shifted_chunks(rows))
+        for t, x in pairs:
+            if t.dtype != x.dtype:  # one float64 side: the product in float64
+                t, x = t.double(), x.double()
+            product = (t.T @ x).to(self.tilde.shift.device, torch.float64)
+            self.sum_cross = product if self.sum_cross is None else self.sum_cross + product
 
     def is_finite(self) -> bool:
         return (
