@@ -146,6 +146,9 @@ def recovery(quick: bool = False) -> dict:
     for name in WORKLOADS:
         w = build(name, quick)
         model = _converted(w, samples=0, activation=None)
+        for module in model.modules():  # SVD-LLM needs the input moments: keep them for all
+            if isinstance(module, (tl.LowRankLinear, tl.LowRankConv2d)):
+                module.stats_space = "input"
         tl.calibrate(model, w.data, progress=False)
         for module in model.modules():
             if not isinstance(module, (tl.LowRankLinear, tl.LowRankConv2d)):

@@ -97,7 +97,9 @@ class CovarianceStats:
         """``count`` free rows of the waiting buffer (flushing it first when they do not fit)."""
         if self._waiting is None or self._waiting.device != device:
             self._flush()
-            self._waiting = torch.empty(self._batch_rows, self.features, device=device)
+            self._waiting = torch.empty(
+                self._batch_rows, self.features, dtype=torch.float32, device=device
+            )
         if self._pending_rows + count > self._waiting.shape[0]:
             self._flush()
         start = self._pending_rows
