@@ -71,8 +71,11 @@ class Reservoir:
         self.store = None if store is None else torch.device(store)  # where kept rows live
         self.features: int | None = None  # the row width, fixed by the first batch
         self._count = 0
-        self._rows: Tensor | None = None  # (k, w) float32 or float64, k <= capacity
-        self._keys: Tensor | None = None  # (k,) float64, the keys of the kept rows
+        # storage for the kept rows (float32 or float64) and their float64 keys: the first
+        # ``_size`` entries are kept; it grows by doubling up to ``capacity``
+        self._rows: Tensor | None = None
+        self._keys: Tensor | None = None
+        self._size = 0
         self._pending: list[tuple[Tensor, Tensor]] = []  # screened (rows, keys) not yet merged
         self._pending_count = 0
         self._threshold: Tensor | None = None  # the smallest kept key of a full reservoir
@@ -102,7 +105,7 @@ class Reservoir:
         self._flush()
         if self._rows is None:
             return torch.empty(0, self.features or 0)
-        return self._rows
+        return self._rows[: self._size]
 
     @property
     def keys(self) -> Tensor:
@@ -110,7 +113,7 @@ class Reservoir:
         self._flush()
         if self._keys is None:
             return torch.empty(0, dtype=torch.float64)
-        return self._keys
+        return self._keys[: self._size]
 
     @classmethod
     def from_sample(cls, capacity: int, rows: Tensor, keys: Tensor, count: int) -> Reservoir:
@@ -164,18 +167,30 @@ class Reservoir:
         if self._rows is not None and self._rows.dtype != work:
             work = torch.float64  # float32 and float64 batches mixed: keep the precision
             self._rows = self._rows.to(work)
-        room = self.capacity - (0 if self._keys is None else self._keys.shape[0])
-        if room > 0:  # fill up first; what does not fit then competes for the kept slots
-            head_rows, head_keys = rows[:room].to(work), keys[:room]
-            if self._rows is None:
-                self._rows, self._keys = head_rows, head_keys.clone()
-            else:
-                self._rows = torch.cat([self._rows, head_rows])
-                self._keys = torch.cat([self._keys, head_keys])
-            rows, keys = rows[room:], keys[room:]
+        take = min(self.capacity - self._size, rows.shape[0])
+        if take > 0:  # fill up first; what does not fit then competes for the kept slots
+            self._reserve(self._size + take, rows.shape[1], work, rows.device)
+            self._rows[self._size : self._size + take] = rows[:take]
+            self._keys[self._size : self._size + take] = keys[:take]
+            self._size += take
+            rows, keys = rows[take:], keys[take:]
             self._threshold = None
         if keys.shape[0]:
             self._replace(rows, keys, work)
+
+    def _reserve(self, size: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Storage for at least ``size`` kept rows: doubling, so filling up copies each kept
+        row at most about twice, and never more than ``capacity`` rows."""
+        held = 0 if self._rows is None else self._rows.shape[0]
+        if size <= held:
+            return
+        length = min(self.capacity, max(size, 2 * held))
+        rows = torch.empty(length, width, dtype=dtype, device=device)
+        keys = torch.empty(length, dtype=torch.float64, device=device)
+        if self._size:
+            rows[: self._size] = self._rows[: self._size]
+            keys[: self._size] = self._keys[: self._size]
+        self._rows, self._keys = rows, keys
 
     def _flush(self) -> None:
         """Merge the screened candidates waiting in ``_pending`` (see :meth:`offer`)."""
@@ -260,7 +275,7 @@ class Reservoir:
                 f"but got rows on {device}"
             )
         keys = torch.rand(count, device=device, dtype=torch.float64)
-        full = self._keys is not None and self._keys.shape[0] >= self.capacity
+        full = self._size >= self.capacity
         if full:
             # A row whose key is below the smallest kept key can never enter: screen first.
             # The threshold may lag behind the waiting candidates; a lower one only lets more in.
@@ -316,7 +331,7 @@ class Reservoir:
             )
         self._flush()
         other._flush()
-        if other._rows is None:
+        if other._size == 0:
             self._count += other._count
             return self
         if self.features is not None and other.features != self.features:
@@ -326,6 +341,6 @@ class Reservoir:
             )
         device = other._rows.device if self._rows is None else self._rows.device
         self.features = other.features
-        self._keep(other._rows.to(device), other._keys.to(device))
+        self._keep(other.rows.to(device), other.keys.to(device))
         self._count += other._count
         return self
