@@ -229,13 +229,14 @@ class _LowRankConv(_LowRankBase):
             return
         self._start_accumulators()
         n = self.matrix_shape[1]
+
+        def pick(index: Tensor | None) -> Tensor:
+            if index is None:  # every position can enter
+                index = torch.arange(count, device=padded.device)
+            return _patches_at(padded, index, kernel, stride, dilation)
+
         for j, reservoir in enumerate(self.reservoirs):
-            reservoir.offer(
-                count,
-                lambda index, j=j: _patches_at(padded, index, kernel, stride, dilation)[
-                    :, j * n : (j + 1) * n
-                ],
-            )
+            reservoir.offer(count, lambda index, j=j: pick(index)[:, j * n : (j + 1) * n])
 
     def _output_rows(self, y: Tensor) -> Tensor:
         if y.dim() == self._dims + 1:

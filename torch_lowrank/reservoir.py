@@ -242,7 +242,11 @@ class Reservoir:
         if self.features is None:
             self.features = rows.shape[1]
         rows = rows.detach()
-        self.offer(rows.shape[0], lambda index: rows.index_select(0, index), rows.device)
+        self.offer(
+            rows.shape[0],
+            lambda index: rows if index is None else rows.index_select(0, index),
+            rows.device,
+        )
 
     @torch.no_grad()
     def offer(
@@ -255,7 +259,8 @@ class Reservoir:
 
         Every row gets its key first; ``rows_at(index)`` is then called once, with the
         positions (a ``LongTensor`` on ``device``) of at most ``capacity`` rows that can still
-        enter, and must return those rows ``(len(index), w)``. A conv offers its output
+        enter, or ``None`` when all ``count`` rows can, and must return those rows
+        ``(len(index), w)`` (they are copied before ``offer`` returns). A conv offers its output
         positions this way and builds only the chosen patches.
 
         Example:
@@ -285,8 +290,8 @@ class Reservoir:
         elif count > self.capacity:  # only the batch's own top keys can enter
             index = torch.topk(keys, self.capacity).indices
         else:
-            index = torch.arange(count, device=device)
-        rows = rows_at(index).detach() if index.shape[0] else None
+            index = None  # all of them
+        rows = rows_at(index).detach() if index is None or index.shape[0] else None
         if rows is not None:
             self._check_rows(rows)
             if self.features is None:
@@ -294,7 +299,7 @@ class Reservoir:
         self._count += count
         if rows is None:
             return
-        keys = keys[index]
+        keys = keys if index is None else keys[index]
         if self.store is not None:  # only the candidates travel to the store
             rows, keys = rows.to(self.store), keys.to(self.store)
         if not full:
