@@ -251,16 +251,7 @@ def linear(
             up = torch.linalg.qr(B).Q
             down = up.T @ W
 
-    if centred:
-        new_bias = W @ mean - up @ (down @ mean)  # (W - Z) mu
-        if bias is not None:
-            new_bias = new_bias + bias.detach().to(torch.float64)
-        variance = float(spectrum.sum())
-    else:
-        new_bias = None
-        variance = float(spectrum.sum()) - float((W @ mean).square().sum())
-    error = float(spectrum[r:].sum())
-    return Factors(up, down, new_bias, error, max(variance, 0.0), spectrum)
+    return _with_bias(up, down, spectrum, r, bias, W @ mean, centred)
 
 
 def linear_from_outputs(
@@ -302,15 +293,28 @@ def linear_from_outputs(
     spectrum, evecs = _descending_eigh(moment)  # (m,), (m, m)
     r = select_rank(spectrum, rank, energy)
     up = evecs[:, :r]
-    down = up.T @ W  # (r, n)
+    return _with_bias(up, up.T @ W, spectrum, r, bias, mean, centred)
+
+
+def _with_bias(
+    up: Tensor,
+    down: Tensor,
+    spectrum: Tensor,
+    r: int,
+    bias: Tensor | None,
+    mean_wx: Tensor,
+    centred: bool,
+) -> Factors:
+    """The :func:`linear` factors with their bias, error and variance, from the mean of ``W x``
+    (``down = up^T W``, so ``(W - Z) mu = mean_wx - up up^T mean_wx``)."""
     if centred:
-        new_bias = mean - up @ (up.T @ mean)  # (W - Z) mu
+        new_bias = mean_wx - up @ (up.T @ mean_wx)  # (W - Z) mu
         if bias is not None:
             new_bias = new_bias + bias.detach().to(torch.float64)
         variance = float(spectrum.sum())
     else:
         new_bias = None
-        variance = float(spectrum.sum()) - float(mean.square().sum())
+        variance = float(spectrum.sum()) - float(mean_wx.square().sum())
     error = float(spectrum[r:].sum())
     return Factors(up, down, new_bias, error, max(variance, 0.0), spectrum)
 
