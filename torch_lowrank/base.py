@@ -301,12 +301,10 @@ class _LowRankBase(nn.Module):
                 self._sample_inputs(x)  # validates x even without a reservoir
                 self.inputs_seen += self._inputs_in(x)
                 return
-            n = self.matrix_shape[1]
             for rows in self._row_chunks(x):
                 self._start_accumulators()
-                for j, stats in enumerate(self.stats):
-                    part = rows if self.groups == 1 else rows[:, j * n : (j + 1) * n]
-                    stats.update(part)
+                for j, part in enumerate(self._group_parts(rows, self.matrix_shape[1])):
+                    self.stats[j].update(part)
                     if self.reservoirs is not None:
                         self.reservoirs[j].update(part)
             self.inputs_seen += self._inputs_in(x)
@@ -314,24 +312,28 @@ class _LowRankBase(nn.Module):
     def _sample_inputs(self, x: Tensor) -> None:
         """Offer the input rows of ``x`` to the reservoirs (output-space statistics); a
         subclass may screen rows before it builds them (a conv's patches)."""
-        n = self.matrix_shape[1]
         chunks = self._row_chunks(x)
         if not self.samples:
             return
         for rows in chunks:
             self._start_accumulators()
-            for j, reservoir in enumerate(self.reservoirs):
-                reservoir.update(rows if self.groups == 1 else rows[:, j * n : (j + 1) * n])
+            for reservoir, part in zip(
+                self.reservoirs, self._group_parts(rows, self.matrix_shape[1])
+            ):
+                reservoir.update(part)
 
     @torch.no_grad()
     def _accumulate_outputs(self, y: Tensor) -> None:
         """Feed the dense layer's output rows ``W x + b`` to the output-space statistics."""
-        m = self.matrix_shape[0]
         with paused():
             rows = self._output_rows(y)
             self._start_accumulators()
-            for j, stats in enumerate(self.stats):
-                stats.update(rows if self.groups == 1 else rows[..., j * m : (j + 1) * m])
+            for stats, part in zip(self.stats, self._group_parts(rows, self.matrix_shape[0])):
+                stats.update(part)
+
+    def _group_parts(self, rows: Tensor, width: int) -> list[Tensor]:
+        """Rows ``(..., groups * width)`` as one view ``(..., width)`` per group."""
+        return [rows] if self.groups == 1 else list(rows.split(width, dim=-1))
 
     def _output_rows(self, y: Tensor) -> Tensor:
         """The dense layer's output ``y`` as a view ``(..., groups * m)``: every position of the

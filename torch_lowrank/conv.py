@@ -236,7 +236,7 @@ class _LowRankConv(_LowRankBase):
             return _patches_at(padded, index, kernel, stride, dilation)
 
         for j, reservoir in enumerate(self.reservoirs):
-            reservoir.offer(count, lambda index, j=j: pick(index)[:, j * n : (j + 1) * n])
+            reservoir.offer(count, lambda index, j=j: self._group_parts(pick(index), n)[j])
 
     def _output_rows(self, y: Tensor) -> Tensor:
         if y.dim() == self._dims + 1:

@@ -79,13 +79,9 @@ def solve_layer(
         if method == "svd":
             moments = {} if stats is None else {"mean": mean, "cov": cov, "outputs": outputs}
             return solvers.svd(weight, bias, rank, energy, **moments)
-        if outputs:
-            start = solvers.linear_from_outputs(
-                weight, bias, mean, cov, rank, energy, module.add_bias
-            )
-            rows, targets = (module.reservoirs[j].rows, None) if aware else (None, None)
-        elif paired is None:
-            start = solvers.linear(weight, bias, mean, cov, rank, energy, module.add_bias)
+        if paired is None:
+            closed_form = solvers.linear_from_outputs if outputs else solvers.linear
+            start = closed_form(weight, bias, mean, cov, rank, energy, module.add_bias)
             rows, targets = (module.reservoirs[j].rows, None) if aware else (None, None)
         else:
             start = solvers.corrective(

@@ -226,31 +226,27 @@ def linear(
     W = weight.detach().to(torch.float64)
     m, n = W.shape
     mean = mean.to(device=W.device, dtype=torch.float64)
-    centred = add_bias or bias is not None
-    moment = cov.to(device=W.device, dtype=torch.float64)
-    if not centred:
-        moment = moment + torch.outer(mean, mean)
-
+    cov = cov.to(device=W.device, dtype=torch.float64)
     if m <= n:
-        return linear_from_outputs(W, bias, W @ mean, W @ cov.to(W) @ W.T, rank, energy, add_bias)
-    else:
-        # W C W^T = A A^T with A = W C^{1/2}; its top eigenvectors are the top left singular
-        # vectors of A, found from the n x n matrix A^T A = C^{1/2} (W^T W) C^{1/2}.
-        s, V = _descending_eigh(moment)
-        half = V * s.sqrt()  # (n, n), half @ half.T = moment
-        gram = W.T @ W  # (n, n)
-        spectrum, Q = _descending_eigh(half.T @ gram @ half)  # (n,), (n, n)
-        r = select_rank(spectrum, rank, energy)
-        directions = half @ Q[:, :r]  # (n, r)
-        B = W @ directions  # (m, r): A Q_r, orthogonal columns of norms sqrt(spectrum)
-        norms = torch.linalg.vector_norm(B, dim=0)
-        if norms.min() > 1e-6 * norms.max():
-            # up = B / norms, and down = up^T W = (directions^T W^T W) / norms: n-space work
-            up, down = B / norms, (directions.T @ gram) / norms[:, None]
-        else:  # rounding-level directions: orthonormalise and project explicitly
-            up = torch.linalg.qr(B).Q
-            down = up.T @ W
-
+        return linear_from_outputs(W, bias, W @ mean, W @ cov @ W.T, rank, energy, add_bias)
+    centred = add_bias or bias is not None
+    moment = cov if centred else cov + torch.outer(mean, mean)
+    # W C W^T = A A^T with A = W C^{1/2}; its top eigenvectors are the top left singular
+    # vectors of A, found from the n x n matrix A^T A = C^{1/2} (W^T W) C^{1/2}.
+    s, V = _descending_eigh(moment)
+    half = V * s.sqrt()  # (n, n), half @ half.T = moment
+    gram = W.T @ W  # (n, n)
+    spectrum, Q = _descending_eigh(half.T @ gram @ half)  # (n,), (n, n)
+    r = select_rank(spectrum, rank, energy)
+    directions = half @ Q[:, :r]  # (n, r)
+    B = W @ directions  # (m, r): A Q_r, orthogonal columns of norms sqrt(spectrum)
+    norms = torch.linalg.vector_norm(B, dim=0)
+    if norms.min() > 1e-6 * norms.max():
+        # up = B / norms, and down = up^T W = (directions^T W^T W) / norms: n-space work
+        up, down = B / norms, (directions.T @ gram) / norms[:, None]
+    else:  # rounding-level directions: orthonormalise and project explicitly
+        up = torch.linalg.qr(B).Q
+        down = up.T @ W
     return _with_bias(up, down, spectrum, r, bias, W @ mean, centred)
 
 
