@@ -35,6 +35,7 @@ def test_corrective_peak_statistics_are_one_wave():
     assert parallel.info["peak_stat_bytes"] >= 13 * one_layer * 0.9
     one_wave = (
         8 * (3 * width * width + 4 * width)  # CrossStats: three n x n sums, two shifts, two sums
+        + 2 * 4 * width * width  # and the float32 product stages of its two sides
         + (4 * 2 * width + 8) * rows  # reservoir of [x~, x] rows and their keys
         + 2 * 4 * width * rows  # the block cache: both inputs of one block
     )

@@ -105,9 +105,15 @@ def test_statistics_stay_on_the_rows_device_and_report_memory():
     stats.update(torch.randn(7, 5))
     assert stats.device == torch.device("cpu")
     assert stats.sum_sq.dtype == torch.float64
-    # the sums (float64), plus a buffer of 2n float32 rows where small batches wait for one
-    # product together: never more memory than the sums themselves
-    assert stats.nbytes == (5 + 5 + 25) * 8 + 2 * 5 * 5 * 4
+    # the sums (float64), plus a buffer of 1,024 float32 rows where small batches wait for one
+    # product together, and an (n, n) float32 stage for the products
+    assert stats.nbytes == (5 + 5 + 25) * 8 + 1024 * 5 * 4 + 5 * 5 * 4
+    wide = CovarianceStats(2048)
+    wide.update(torch.randn(3, 2048))
+    _ = wide.covariance  # a product has run: the stage exists
+    # wide rows: the buffer adds 512 / n of the sums, the stage half of them
+    sums = (2048 * 2048 + 2 * 2048) * 8
+    assert wide.nbytes == sums + 1024 * 2048 * 4 + 2048 * 2048 * 4
 
 
 @settings(max_examples=30, deadline=None)
@@ -115,15 +121,17 @@ def test_statistics_stay_on_the_rows_device_and_report_memory():
     features=st.integers(1, 9),
     batches=st.lists(st.integers(1, 25), min_size=1, max_size=8),
     reads=st.sets(st.integers(0, 7)),
+    stage_rows=st.integers(1, 60),
     seed=st.integers(0, 2**16),
 )
-def test_waiting_batches_never_change_the_result(features, batches, reads, seed):
-    """Small float32 batches wait in a buffer for one product together; reading the moments at
-    any point in between (which flushes the buffer) gives the same sums as one batch (rel. 1e-5
-    in float32)."""
+def test_waiting_batches_never_change_the_result(features, batches, reads, stage_rows, seed):
+    """Small float32 batches wait in a buffer for one product together, and products wait in a
+    float32 stage for the float64 sums; reading the moments at any point in between (which
+    flushes both) and any stage size give the same sums as one batch (rel. 1e-5 in float32)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(batches), features, generator=gen) * 3 + 1
     stats = CovarianceStats(features)
+    stats.stage_rows = stage_rows
     for i, chunk in enumerate(x.split(batches)):
         stats.update(chunk)
         if i in reads:
@@ -144,13 +152,15 @@ def test_rows_from_another_device_are_refused():
 
 
 def test_wide_rows_use_the_symmetric_product():
-    """From 384 features the product is formed from its upper half; waiting and immediate
+    """From 192 features the product is formed from its upper half; waiting and immediate
     batches both match the float64 reference (rel. 1e-5) and the result is exactly symmetric."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(1200, 401, generator=gen) + 2
-    stats = CovarianceStats(401)
-    for chunk in x.split([100, 900, 200]):  # 900 rows: more than the buffer holds
-        stats.update(chunk)
-    mean, cov = reference(x)
-    torch.testing.assert_close(stats.covariance, cov, rtol=1e-5, atol=1e-5)
-    assert torch.equal(stats.sum_sq, stats.sum_sq.T)
+    for stage_rows in (1, 8192):  # promoted after every product, or once when read
+        stats = CovarianceStats(401)
+        stats.stage_rows = stage_rows
+        for chunk in x.split([100, 900, 200]):  # 900 rows: more than the buffer holds
+            stats.update(chunk)
+        mean, cov = reference(x)
+        torch.testing.assert_close(stats.covariance, cov, rtol=1e-5, atol=1e-5)
+        assert torch.equal(stats.sum_sq, stats.sum_sq.T)

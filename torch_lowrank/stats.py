@@ -6,8 +6,9 @@ Every sample row ``x`` (one token of a Linear layer, one receptive-field patch o
 
 where the shift ``s`` is the mean of the first batch. Accumulating about a shift instead of about
 zero keeps the covariance accurate when the mean is large compared to the spread (the textbook
-"shifted data" algorithm). Each batch product runs in float32 (float64 for float64 inputs) and the
-running sums are float64, so millions of rows and float16/bfloat16 activations lose nothing. The
+"shifted data" algorithm). Batch products run in float32 (float64 for float64 inputs) and add up in
+a stage of that dtype for at most ``stage_rows`` (8,192) rows; the running sums are float64, so
+millions of rows and float16/bfloat16 activations lose nothing. The
 sums live on the device of the rows they are fed, and ``merge_`` adds two accumulators exactly.
 
 The accumulator is a plain object, not a buffer: it is never part of a ``state_dict``.
@@ -55,35 +56,44 @@ class CovarianceStats:
         self._shift_work: Tensor | None = None  # the shift in the work dtype, on the rows' device
         self._waiting: Tensor | None = None  # (rows, n) float32: small shifted batches that
         self._pending_rows = 0  # wait in its first rows for one product together
+        self._stage: Tensor | None = None  # (n, n) products in the work dtype, not yet in _sum_sq
+        self._staged_rows = 0
 
     @property
     def sum(self) -> Tensor | None:
         """``sum (x - shift)``, ``(n,)`` float64 (``None`` before any row)."""
-        self._flush()
+        self._settle()
         return self._sum
 
     @sum.setter
     def sum(self, value: Tensor | None) -> None:
-        self._flush()
+        self._settle()
         self._sum = value
 
     @property
     def sum_sq(self) -> Tensor | None:
         """``sum (x - shift)(x - shift)^T``, ``(n, n)`` float64 (``None`` before any row)."""
-        self._flush()
+        self._settle()
         return self._sum_sq
 
     @sum_sq.setter
     def sum_sq(self, value: Tensor | None) -> None:
-        self._flush()
+        self._settle()
         self._sum_sq = value
+
+    def _settle(self) -> None:
+        """Bring every waiting row and staged product into the float64 sums."""
+        self._flush()
+        self._promote()
 
     @property
     def _batch_rows(self) -> int:
         """Batches of fewer rows wait for company: one product over about this many rows runs
         near the matmul's full speed, one per small batch does not. The wait holds at most
-        ``2 n`` rows of float32, no more memory than the ``n x n`` float64 sums themselves."""
-        return max(1, min(1024, 2 * self.features, self.chunk_elements // self.features))
+        1,024 rows of float32: from 512 features on no more memory than the ``n x n`` float64
+        sums themselves, and at most 2 MiB below that."""
+        n = self.features
+        return max(1, min(1024, max(2 * n, self.chunk_elements // n)))
 
     def _flush(self) -> None:
         if not self._pending_rows:
@@ -106,20 +116,50 @@ class CovarianceStats:
         self._pending_rows += count
         return self._waiting[start : start + count]
 
+    #: Batch products accumulate in a ``(n, n)`` stage in the work dtype (``addmm_`` adds them
+    #: as it multiplies) and move to the float64 sums every this many rows and whenever the
+    #: sums are read: one float64 pass per stage instead of one per product.
+    stage_rows: int = 8192
+    #: From this width on the products use their symmetric half (two matmuls instead of one:
+    #: slower below it on 2 CPU cores, measured in 2026-11).
+    symmetric_from: int = 192
+
     def _add_product(self, x: Tensor) -> None:
-        """``sum_sq += x^T x`` (float32 product, float64 sum). From 384 features on, the
-        product is symmetric in two halves: three quarter-size products instead of four."""
-        acc, n = self._sum_sq, self.features
-        if n < 384:
-            acc += (x.T @ x).to(acc.device, torch.float64)
+        """``sum_sq += x^T x``, through the stage. The product is symmetric: from
+        :attr:`symmetric_from` features on, only the top half ``a^T [a b]`` and ``b^T b`` are
+        formed, three quarters of the work (the lower-left block is filled from the upper-right
+        one when the stage is promoted)."""
+        n = self.features
+        if self._stage is None or self._stage.device != x.device or self._stage.dtype != x.dtype:
+            self._promote()
+            self._stage = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+        stage = self._stage
+        if n < self.symmetric_from:
+            stage.addmm_(x.T, x)
+        else:
+            h = n // 2
+            a, b = x[:, :h], x[:, h:]
+            stage[:h].addmm_(a.T, x)  # the top half: (a^T a, a^T b) in one product
+            stage[h:, h:].addmm_(b.T, b)
+        self._staged_rows += x.shape[0]
+        # sums kept off the rows' device (``store``) promote at once: no stage stays there
+        if self._staged_rows >= self.stage_rows or stage.device != self._sum_sq.device:
+            self._promote()
+
+    def _promote(self) -> None:
+        """Add the staged products to the float64 ``_sum_sq`` and clear the stage."""
+        if not self._staged_rows:
             return
-        h = n // 2
-        a, b = x[:, :h], x[:, h:]
-        upper = (a.T @ b).to(acc.device, torch.float64)
-        acc[:h, :h] += (a.T @ a).to(acc.device, torch.float64)
-        acc[:h, h:] += upper
-        acc[h:, :h] += upper.T
-        acc[h:, h:] += (b.T @ b).to(acc.device, torch.float64)
+        stage, n = self._stage, self.features
+        if n >= self.symmetric_from:
+            h = n // 2
+            stage[h:, :h] = stage[:h, h:].T
+        self._sum_sq.add_(stage.to(self._sum_sq.device))  # float64 += float32: no float64 copy
+        self._staged_rows = 0
+        if stage.device == self._sum_sq.device:
+            stage.zero_()
+        else:
+            self._stage = None
 
     @property
     def device(self) -> torch.device | None:
@@ -132,7 +172,7 @@ class CovarianceStats:
         if self._sum_sq is None:
             return 0
         held = [self.shift, self._sum, self._sum_sq]
-        held += [] if self._waiting is None else [self._waiting]
+        held += [t for t in (self._waiting, self._stage) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
     @torch.no_grad()
