@@ -42,7 +42,53 @@ def test_keeps_min_of_count_and_capacity_distinct_input_rows(capacity, batches, 
     assert len(set(labels)) == len(labels)  # without replacement
     assert all(0 <= v < seen for v in labels)
     assert torch.equal(reservoir.rows, reservoir.rows[:, :1].expand(-1, width))  # whole rows
-    assert reservoir.nbytes == min(seen, capacity) * (4 * width + 8)
+    # storage: whole slots (a float32 row and a float64 key each), at least the kept rows and
+    # at most capacity plus a quarter as many spares
+    slots, rest = divmod(reservoir.nbytes, 4 * width + 8)
+    assert rest == 0 and min(seen, capacity) <= slots <= capacity + max(1, capacity // 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    capacity=st.integers(1, 12),
+    batches=st.lists(st.integers(0, 40), min_size=1, max_size=10),
+    reads=st.sets(st.integers(0, 9)),
+    seed=st.integers(0, 9999),
+)
+def test_kept_rows_are_exactly_the_top_keys(capacity, batches, reads, seed):
+    """The reservoir keeps exactly the rows of the ``capacity`` largest keys drawn so far, each
+    row with its own key, whatever the batch sizes and wherever ``rows`` is read in between
+    (reading moves kept rows out of the spare slots). The keys are redrawn from the seed: one
+    ``torch.rand(count, float64)`` per batch."""
+    torch.manual_seed(seed)
+    reservoir, seen = Reservoir(capacity), 0
+    for i, size in enumerate(batches):
+        reservoir.update(labelled(seen, size))
+        seen += size
+        if i in reads:
+            _ = reservoir.rows
+    torch.manual_seed(seed)
+    drawn = [torch.rand(size, dtype=torch.float64) for size in batches if size]
+    if not drawn:
+        assert reservoir.rows.shape[0] == 0
+        return
+    every = torch.cat(drawn)
+    best = torch.topk(every, min(capacity, seen)).indices
+    assert sorted(kept_labels(reservoir)) == sorted(best.tolist())
+    labels = reservoir.rows[:, 0].long()
+    assert torch.equal(reservoir.keys, every[labels])
+
+
+def test_a_full_reservoir_builds_at_most_capacity_rows_per_offer():
+    """Just after filling up, the threshold is the smallest of only 4 keys; a batch of a million
+    positions still builds at most 4 rows (the batch's own top keys)."""
+    torch.manual_seed(0)
+    reservoir, built = Reservoir(4), []
+    reservoir.update(labelled(0, 4))
+    table = labelled(4, 1_000_000)
+    reservoir.offer(1_000_000, lambda index: built.append(len(index)) or table[index])
+    assert built == [4] and reservoir.count == 1_000_004
+    assert all(v >= 4 for v in kept_labels(reservoir))  # a million rows against 4: none stay
 
 
 def test_every_row_is_kept_with_equal_probability():
@@ -127,14 +173,15 @@ def test_merge_edge_cases():
 
 
 def test_large_batch_keeps_memory_bounded():
-    """A million float16 rows: 64 rows kept as float32, nbytes = 64 * (4 * 4 + 8)."""
+    """A million float16 rows: 64 rows kept as float32; the storage holds 64 + 16 spare slots,
+    nbytes = 80 * (4 * 4 + 8)."""
     torch.manual_seed(4)
     reservoir = Reservoir(64)
     for _ in range(2):
         reservoir.update(torch.randn(500_000, 4, dtype=torch.float16))
     assert reservoir.count == 1_000_000
     assert reservoir.rows.shape == (64, 4) and reservoir.rows.dtype == torch.float32
-    assert reservoir.nbytes == 64 * (4 * 4 + 8)
+    assert reservoir.nbytes == 80 * (4 * 4 + 8)
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,12 @@ the union, which is what calibration split across processes needs.
 
 Rows are built only when they can enter (:meth:`Reservoir.offer`): a batch's keys are drawn
 first, a full reservoir screens them against its smallest kept key, and a batch of millions of
-conv patches costs one key per position and at most ``capacity`` patches built. Candidates of a
-full reservoir wait and are merged half the capacity at a time.
+conv patches costs one key per position and at most ``capacity`` patches built.
+
+Storage has ``capacity`` slots plus a quarter as many spare ones, and every candidate is copied
+once, into a free slot. When the free slots run out, the rows outside the top ``capacity`` keys
+are dropped by marking their keys (no row moves) and their slots are free again; reading
+:attr:`Reservoir.rows` moves the kept rows into the first ``capacity`` slots.
 
 Keys come from :func:`torch.rand` (the global generator, on the rows' device), so results are
 reproducible under :func:`torch.manual_seed`.
@@ -71,14 +75,21 @@ class Reservoir:
         self.store = None if store is None else torch.device(store)  # where kept rows live
         self.features: int | None = None  # the row width, fixed by the first batch
         self._count = 0
-        # storage for the kept rows (float32 or float64) and their float64 keys: the first
-        # ``_size`` entries are kept; it grows by doubling up to ``capacity``
+        # slot storage: rows (float32 or float64) and float64 keys (-1 in a free slot).
+        # It grows by 4x while filling, up to ``capacity`` plus ``capacity // 4`` spare slots.
         self._rows: Tensor | None = None
         self._keys: Tensor | None = None
-        self._size = 0
-        self._pending: list[tuple[Tensor, Tensor]] = []  # screened (rows, keys) not yet merged
-        self._pending_count = 0
-        self._threshold: Tensor | None = None  # the smallest kept key of a full reservoir
+        self._held = 0  # slots in use: the kept rows and candidates not yet screened out
+        # the slots freed by the last settle (``None``: the free slots follow the used ones),
+        # of which the first ``_taken`` have been filled again
+        self._free: Tensor | None = None
+        self._taken = 0
+        self._threshold: Tensor | None = None  # the smallest kept key at the last settle
+
+    @property
+    def _slots(self) -> int:
+        """The most slots the storage may hold: ``capacity`` plus a quarter as many spares."""
+        return self.capacity + max(1, self.capacity // 4)
 
     @property
     def count(self) -> int:
@@ -102,18 +113,18 @@ class Reservoir:
             >>> sorted(sample.rows[:, 0].tolist())
             [0.0, 2.0, 4.0]
         """
-        self._flush()
         if self._rows is None:
             return torch.empty(0, self.features or 0)
-        return self._rows[: self._size]
+        self._compact()
+        return self._rows[: self._held]
 
     @property
     def keys(self) -> Tensor:
         """The random keys of the kept rows, ``(min(count, capacity),)`` float64, row by row."""
-        self._flush()
         if self._keys is None:
             return torch.empty(0, dtype=torch.float64)
-        return self._keys[: self._size]
+        self._compact()
+        return self._keys[: self._held]
 
     @classmethod
     def from_sample(cls, capacity: int, rows: Tensor, keys: Tensor, count: int) -> Reservoir:
@@ -130,23 +141,25 @@ class Reservoir:
         sample.features = rows.shape[1]
         sample._count = count
         if rows.shape[0]:
-            sample._keep(rows, keys)
+            sample._insert(rows, keys)
         return sample
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the kept rows and their keys, in bytes.
+        """Memory held by the storage (rows and keys, spare slots included), in bytes.
+
+        While filling, the storage grows by 4x; once full it has ``capacity`` slots plus a
+        quarter as many spares.
 
         Example:
-            >>> sample = Reservoir(10)
-            >>> sample.update(torch.randn(3, 4, dtype=torch.float16))
-            >>> sample.nbytes  # 3 rows of 4 float32 + 3 float64 keys
-            72
+            >>> sample = Reservoir(8)
+            >>> sample.update(torch.randn(100, 4, dtype=torch.float16))
+            >>> sample.nbytes  # 8 + 2 slots, each a row of 4 float32 and a float64 key
+            240
         """
         if self._rows is None:
             return 0
-        held = [self._rows, self._keys, *(t for pair in self._pending for t in pair)]
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in (self._rows, self._keys))
 
     def _check_rows(self, rows: Tensor) -> None:
         if rows.dim() != 2 or (self.features is not None and rows.shape[1] != self.features):
@@ -160,72 +173,79 @@ class Reservoir:
                 f"but got rows on {rows.device}"
             )
 
-    def _keep(self, rows: Tensor, keys: Tensor) -> None:
-        """Keep the top-``capacity`` keys of the kept rows together with ``(rows, keys)``, the
-        screened candidates (:meth:`offer` builds at most ``capacity`` rows per batch)."""
+    def _insert(self, rows: Tensor, keys: Tensor) -> None:
+        """Copy candidate ``rows`` with their ``keys`` into free slots, once each; when the
+        free slots run out, settle first."""
         work = torch.float64 if rows.dtype == torch.float64 else torch.float32
         if self._rows is not None and self._rows.dtype != work:
             work = torch.float64  # float32 and float64 batches mixed: keep the precision
             self._rows = self._rows.to(work)
-        take = min(self.capacity - self._size, rows.shape[0])
-        if take > 0:  # fill up first; what does not fit then competes for the kept slots
-            self._reserve(self._size + take, rows.shape[1], work, rows.device)
-            self._rows[self._size : self._size + take] = rows[:take]
-            self._keys[self._size : self._size + take] = keys[:take]
-            self._size += take
-            rows, keys = rows[take:], keys[take:]
-            self._threshold = None
-        if keys.shape[0]:
-            self._replace(rows, keys, work)
+        start, total = 0, keys.shape[0]
+        while start < total:
+            take = min(self._room(total - start, rows.shape[1], work, rows.device), total - start)
+            part, part_keys = rows[start : start + take], keys[start : start + take]
+            if self._free is None:  # the free slots follow the used ones
+                self._rows[self._held : self._held + take] = part
+                self._keys[self._held : self._held + take] = part_keys
+            else:  # the places of rows dropped by the last settle
+                slots = self._free[self._taken : self._taken + take]
+                self._taken += take
+                self._rows.index_copy_(0, slots, part.to(work))
+                self._keys.index_copy_(0, slots, part_keys)
+            self._held += take
+            start += take
 
-    def _reserve(self, size: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Storage for at least ``size`` kept rows: doubling, so filling up copies each kept
-        row at most about twice, and never more than ``capacity`` rows."""
-        held = 0 if self._rows is None else self._rows.shape[0]
-        if size <= held:
+    def _room(self, want: int, width: int, dtype: torch.dtype, device: torch.device) -> int:
+        """The number of free slots (at least one), growing or settling to make ``want``."""
+        length = 0 if self._keys is None else self._keys.shape[0]
+        if length - self._held >= want:
+            return length - self._held
+        if length < self._slots:  # grow by 4x; straight to full size once past the capacity
+            size = 4 * max(self._held + want, length)
+            size = self._slots if size >= self.capacity else size
+            rows = torch.empty(size, width, dtype=dtype, device=device)
+            keys = torch.full((size,), -1.0, dtype=torch.float64, device=device)
+            if self._held:
+                rows[: self._held] = self._rows[: self._held]
+                keys[: self._held] = self._keys[: self._held]
+            self._rows, self._keys = rows, keys
+            length = size
+        if length - self._held < want:
+            self._settle()
+        return length - self._held
+
+    def _settle(self) -> None:
+        """Keep the rows of the top ``capacity`` keys and free the other slots (keys only: no
+        row moves); note the smallest kept key as the screening threshold."""
+        if self._held < self.capacity:
             return
-        length = min(self.capacity, max(size, 2 * held))
-        rows = torch.empty(length, width, dtype=dtype, device=device)
-        keys = torch.empty(length, dtype=torch.float64, device=device)
-        if self._size:
-            rows[: self._size] = self._rows[: self._size]
-            keys[: self._size] = self._keys[: self._size]
-        self._rows, self._keys = rows, keys
-
-    def _flush(self) -> None:
-        """Merge the screened candidates waiting in ``_pending`` (see :meth:`offer`)."""
-        if not self._pending:
+        keys = self._keys
+        if self._held == self.capacity:  # just full: screen against the smallest kept key
+            self._threshold = keys[keys >= 0].min()
             return
-        rows = torch.cat([r for r, _ in self._pending])
-        keys = torch.cat([k for _, k in self._pending])
-        self._pending, self._pending_count = [], 0
-        self._keep(rows, keys)
+        # the (length - capacity)-th smallest key splits the slots (free ones hold -1) and is
+        # the new threshold; random float64 keys do not tie, but should they, topk keeps
+        # exactly ``capacity``
+        cut = torch.kthvalue(keys, keys.shape[0] - self.capacity).values
+        kept = keys > cut
+        if int(kept.sum()) != self.capacity:
+            kept = torch.zeros_like(kept)
+            kept[torch.topk(keys, self.capacity).indices] = True
+        keys.masked_fill_(~kept, -1.0)
+        self._free, self._taken = torch.nonzero(~kept).squeeze(1), 0
+        self._held, self._threshold = self.capacity, cut
 
-    def _replace(self, rows: Tensor, keys: Tensor, work: torch.dtype) -> None:
-        """A full reservoir: the ``k`` new keys can only displace the ``k`` smallest kept ones,
-        so those slots are overwritten in place (nothing else is copied)."""
-        k = keys.shape[0]
-        if k < self.capacity:
-            # the k-th smallest key of the union splits it: kept keys at or below it leave,
-            # new keys above it enter (as many, since random float64 keys do not tie)
-            cut = torch.kthvalue(torch.cat([self._keys, keys]), k).values
-            slots = torch.nonzero(self._keys <= cut).squeeze(1)
-            chosen = torch.nonzero(keys > cut).squeeze(1)
-            if slots.shape[0] == chosen.shape[0]:
-                self._rows.index_copy_(0, slots, rows.index_select(0, chosen).to(work))
-                self._keys.index_copy_(0, slots, keys.index_select(0, chosen))
-                self._threshold = None
-                return
-        low = torch.topk(self._keys, min(k, self.capacity), largest=False).indices
-        pool = torch.cat([self._keys[low], keys])
-        winners = torch.topk(pool, low.shape[0]).indices
-        from_new = winners >= low.shape[0]
-        lost = torch.ones(low.shape[0], dtype=torch.bool, device=low.device)
-        lost[winners[~from_new]] = False
-        slots, chosen = low[lost], winners[from_new] - low.shape[0]
-        self._rows[slots] = rows[chosen].to(work)
-        self._keys[slots] = keys[chosen]
-        self._threshold = None
+    def _compact(self) -> None:
+        """Settle, then move the kept rows into the first ``capacity`` slots."""
+        self._settle()
+        if self._free is None:
+            return
+        holes = torch.nonzero(self._keys[: self._held] < 0).squeeze(1)
+        movers = torch.nonzero(self._keys[self._held :] >= 0).squeeze(1) + self._held
+        self._rows.index_copy_(0, holes, self._rows.index_select(0, movers))
+        self._keys.index_copy_(0, holes, self._keys.index_select(0, movers))
+        self._keys[movers] = -1.0
+        self._free = None
 
     @torch.no_grad()
     def update(self, rows: Tensor) -> None:
@@ -280,14 +300,17 @@ class Reservoir:
                 f"but got rows on {device}"
             )
         keys = torch.rand(count, device=device, dtype=torch.float64)
-        full = self._size >= self.capacity
-        if full:
+        if self._held >= self.capacity:
             # A row whose key is below the smallest kept key can never enter: screen first.
-            # The threshold may lag behind the waiting candidates; a lower one only lets more in.
-            if self._threshold is None or self._threshold.device != device:
-                self._threshold = self._keys.min().to(device)
+            # The threshold dates from the last settle; lagging behind, it only lets more in.
+            if self._threshold is None:
+                self._settle()
+            if self._threshold.device != device:
+                self._threshold = self._threshold.to(device)
             index = torch.nonzero(keys > self._threshold).squeeze(1)
-        elif count > self.capacity:  # only the batch's own top keys can enter
+            if index.shape[0] > self.capacity:  # only the batch's own top keys can enter
+                index = index[torch.topk(keys[index], self.capacity).indices]
+        elif count > self.capacity:
             index = torch.topk(keys, self.capacity).indices
         else:
             index = None  # all of them
@@ -299,18 +322,10 @@ class Reservoir:
         self._count += count
         if rows is None:
             return
-        keys = keys if index is None else keys[index]
+        keys = keys if index is None else keys.index_select(0, index)
         if self.store is not None:  # only the candidates travel to the store
             rows, keys = rows.to(self.store), keys.to(self.store)
-        if not full:
-            self._keep(rows, keys)
-            return
-        # Candidates of a full reservoir wait and are merged together: one selection per
-        # half capacity of them instead of one per batch.
-        self._pending.append((rows, keys))
-        self._pending_count += rows.shape[0]
-        if self._pending_count >= max(1, self.capacity // 2):
-            self._flush()
+        self._insert(rows, keys)
 
     @torch.no_grad()
     def merge_(self, other: Reservoir) -> Reservoir:
@@ -334,9 +349,7 @@ class Reservoir:
                 f"expected a reservoir of capacity >= {self.capacity}\n"
                 f"but got one of capacity {other.capacity}"
             )
-        self._flush()
-        other._flush()
-        if other._size == 0:
+        if other._held == 0:
             self._count += other._count
             return self
         if self.features is not None and other.features != self.features:
@@ -346,6 +359,6 @@ class Reservoir:
             )
         device = other._rows.device if self._rows is None else self._rows.device
         self.features = other.features
-        self._keep(other.rows.to(device), other.keys.to(device))
+        self._insert(other.rows.to(device), other.keys.to(device))
         self._count += other._count
         return self
