@@ -8,8 +8,8 @@ where the shift ``s`` is the mean of the first batch. Accumulating about a shift
 zero keeps the covariance accurate when the mean is large compared to the spread (the textbook
 "shifted data" algorithm). Batch products run in float32 (float64 for float64 inputs) and add up in
 a stage of that dtype for at most ``stage_rows`` (8,192) rows; the running sums are float64, so
-millions of rows and float16/bfloat16 activations lose nothing. The
-sums live on the device of the rows they are fed, and ``merge_`` adds two accumulators exactly.
+millions of rows and float16/bfloat16 activations lose nothing. The sums live on the device of
+the rows they are fed, and ``merge_`` adds two accumulators exactly.
 
 The accumulator is a plain object, not a buffer: it is never part of a ``state_dict``.
 """
