@@ -42,10 +42,12 @@ def test_keeps_min_of_count_and_capacity_distinct_input_rows(capacity, batches, 
     assert len(set(labels)) == len(labels)  # without replacement
     assert all(0 <= v < seen for v in labels)
     assert torch.equal(reservoir.rows, reservoir.rows[:, :1].expand(-1, width))  # whole rows
-    # storage: whole slots (a float32 row and a float64 key each), at least the kept rows and
-    # at most capacity plus a quarter as many spares
+    # storage: whole slots (a float32 row and a float64 key each), at least the kept rows, at
+    # most capacity plus a quarter as many spares, and while filling at most 2.5x the rows kept
     slots, rest = divmod(reservoir.nbytes, 4 * width + 8)
-    assert rest == 0 and min(seen, capacity) <= slots <= capacity + max(1, capacity // 4)
+    kept = min(seen, capacity)
+    assert rest == 0 and kept <= slots <= capacity + max(1, capacity // 4)
+    assert slots <= 2.5 * kept
 
 
 @settings(max_examples=60, deadline=None)

@@ -76,7 +76,7 @@ class Reservoir:
         self.features: int | None = None  # the row width, fixed by the first batch
         self._count = 0
         # slot storage: rows (float32 or float64) and float64 keys (-1 in a free slot).
-        # It grows by 4x while filling, up to ``capacity`` plus ``capacity // 4`` spare slots.
+        # It doubles while filling, up to ``capacity`` plus ``capacity // 4`` spare slots.
         self._rows: Tensor | None = None
         self._keys: Tensor | None = None
         self._held = 0  # slots in use: the kept rows and candidates not yet screened out
@@ -148,8 +148,8 @@ class Reservoir:
     def nbytes(self) -> int:
         """Memory held by the storage (rows and keys, spare slots included), in bytes.
 
-        While filling, the storage grows by 4x; once full it has ``capacity`` slots plus a
-        quarter as many spares.
+        While filling, the storage doubles (at most twice the rows held, 2.5 times on the
+        step to full size); once full it has ``capacity`` slots plus a quarter as many spares.
 
         Example:
             >>> sample = Reservoir(8)
@@ -200,8 +200,8 @@ class Reservoir:
         length = 0 if self._keys is None else self._keys.shape[0]
         if length - self._held >= want:
             return length - self._held
-        if length < self._slots:  # grow by 4x; straight to full size once past the capacity
-            size = 4 * max(self._held + want, length)
+        if length < self._slots:  # double; straight to full size once past the capacity
+            size = max(self._held + want, 2 * length)
             size = self._slots if size >= self.capacity else size
             rows = torch.empty(size, width, dtype=dtype, device=device)
             keys = torch.full((size,), -1.0, dtype=torch.float64, device=device)
