@@ -100,6 +100,11 @@ class CovarianceStats:
             return
         x = self._waiting[: self._pending_rows]
         self._pending_rows = 0
+        self._add_rows(x)
+
+    def _add_rows(self, x: Tensor) -> None:
+        """Add shifted rows ``(k, n)`` in the work dtype: their sum (taken in that dtype) to the
+        float64 ``_sum``, their product to the stage."""
         self._sum += x.sum(0).to(self._sum.device, torch.float64)
         self._add_product(x)
 
@@ -221,7 +226,6 @@ class CovarianceStats:
         shift = self._shift_work
         if shift is None or shift.device != rows.device or shift.dtype != work:
             shift = self._shift_work = self.shift.to(rows.device, work)
-        home = self.shift.device
         step = max(1, self.chunk_elements // max(1, rows[0].numel()))
         for part in (rows,) if rows.shape[0] <= step else rows.split(step):
             count = part.numel() // self.features
@@ -231,11 +235,9 @@ class CovarianceStats:
             else:
                 x = torch.empty(count, self.features, dtype=work, device=rows.device)
             torch.sub(part, shift, out=x.view(part.shape))  # one pass: cast, shift, row layout
-            # batch products (the sum too) in the work dtype, running sums in float64
             self.count += count
             if not wait:
-                self._sum += x.sum(0).to(home, torch.float64)
-                self._add_product(x)
+                self._add_rows(x)
             elif self._pending_rows == self._waiting.shape[0]:
                 self._flush()
             yield x
