@@ -228,15 +228,15 @@ class _LowRankConv(_LowRankBase):
         if count == 0:
             return
         self._start_accumulators()
-        n = self.matrix_shape[1]
 
-        def pick(index: Tensor | None) -> Tensor:
+        def pick(index: Tensor | None, channels: Tensor) -> Tensor:
             if index is None:  # every position can enter
                 index = torch.arange(count, device=padded.device)
-            return _patches_at(padded, index, kernel, stride, dilation)
+            return _patches_at(channels, index, kernel, stride, dilation)
 
-        for j, reservoir in enumerate(self.reservoirs):
-            reservoir.offer(count, lambda index, j=j: self._group_parts(pick(index), n)[j])
+        # each group's reservoir builds its patches from that group's channels only
+        for reservoir, channels in zip(self.reservoirs, padded.chunk(self.groups, dim=1)):
+            reservoir.offer(count, lambda index, c=channels: pick(index, c))
 
     def _output_rows(self, y: Tensor) -> Tensor:
         if y.dim() == self._dims + 1:
