@@ -206,9 +206,8 @@ def linear(
     without an intercept) and stays without bias.
 
     Cost: when ``m <= n``, one ``m x m`` eigendecomposition (see :func:`linear_from_outputs`);
-    when ``m > n`` the work happens in the
-    n-dimensional space (two ``n x n`` eigendecompositions and products with ``W``), so the cost
-    grows like ``min(m, n)^3 + m n min(m, n)``.
+    when ``m > n`` the work happens in the n-dimensional space (two ``n x n`` eigendecompositions
+    and products with ``W``), so the cost grows like ``min(m, n)^3 + m n min(m, n)``.
 
     Args:
         weight: ``(m, n)``. bias: ``(m,)`` or ``None``.
