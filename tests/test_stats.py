@@ -152,15 +152,17 @@ def test_rows_from_another_device_are_refused():
 
 
 def test_wide_rows_use_the_symmetric_product():
-    """From 192 features the product is formed from its upper half; waiting and immediate
-    batches both match the float64 reference (rel. 1e-5) and the result is exactly symmetric."""
+    """From 192 features the product is formed from its blocks on and above the diagonal; for
+    any number of blocks (uneven ones too: 401 columns), waiting and immediate batches both match
+    the float64 reference (rel. 1e-5) and the result is exactly symmetric."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(1200, 401, generator=gen) + 2
-    for stage_rows in (1, 8192):  # promoted after every product, or once when read
+    mean, cov = reference(x)
+    for blocks, stage_rows in ((4, 1), (4, 8192), (2, 8192), (3, 1), (7, 8192)):
         stats = CovarianceStats(401)
-        stats.stage_rows = stage_rows
+        stats.stage_rows = stage_rows  # 1: promoted after every product; 8192: once, when read
+        stats.symmetric_blocks = blocks
         for chunk in x.split([100, 900, 200]):  # 900 rows: more than the buffer holds
             stats.update(chunk)
-        mean, cov = reference(x)
         torch.testing.assert_close(stats.covariance, cov, rtol=1e-5, atol=1e-5)
         assert torch.equal(stats.sum_sq, stats.sum_sq.T)

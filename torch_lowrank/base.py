@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import solvers
+from ._grad import no_grad
 from .activations import Activation, batchnorm_affine, paused, resolve_activation
 from .report import LayerReport
 from .reservoir import Reservoir
@@ -290,7 +291,7 @@ class _LowRankBase(nn.Module):
         if self.samples and self.reservoirs is None:
             self.reservoirs = [Reservoir(self.samples, self.offload) for _ in range(self.groups)]
 
-    @torch.no_grad()
+    @no_grad
     def _accumulate(self, x: Tensor) -> None:
         """The pre-hook's work: count the inputs; feed the input rows to the reservoirs, and
         to the statistics when they live in the input space."""
@@ -322,7 +323,7 @@ class _LowRankBase(nn.Module):
             ):
                 reservoir.update(part)
 
-    @torch.no_grad()
+    @no_grad
     def _accumulate_outputs(self, y: Tensor) -> None:
         """Feed the dense layer's output rows ``W x + b`` to the output-space statistics."""
         with paused():
