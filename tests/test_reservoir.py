@@ -60,7 +60,7 @@ def test_keeps_min_of_count_and_capacity_distinct_input_rows(capacity, batches, 
 def test_kept_rows_are_exactly_the_top_keys(capacity, batches, reads, seed):
     """The reservoir keeps exactly the rows of the ``capacity`` largest keys drawn so far, each
     row with its own key, whatever the batch sizes and wherever ``rows`` is read in between
-    (reading moves kept rows out of the spare slots). The keys are redrawn from the seed: one
+    (a settle moves kept rows out of the spare slots). The keys are redrawn from the seed: one
     ``torch.rand(count, float64)`` per batch."""
     torch.manual_seed(seed)
     reservoir, seen = Reservoir(capacity), 0

@@ -15,10 +15,11 @@ Rows are built only when they can enter (:meth:`Reservoir.offer`): a batch's key
 first, a full reservoir screens them against its smallest kept key, and a batch of millions of
 conv patches costs one key per position and at most ``capacity`` patches built.
 
-Storage has ``capacity`` slots plus a quarter as many spare ones, and every candidate is copied
-once, into a free slot. When the free slots run out, the rows outside the top ``capacity`` keys
-are dropped by marking their keys (no row moves) and their slots are free again; reading
-:attr:`Reservoir.rows` moves the kept rows into the first ``capacity`` slots.
+Storage has ``capacity`` slots plus a quarter as many spare ones. The used slots come first, so a
+batch's candidates are gathered straight into the free slots after them (one ``index_select``,
+no intermediate copy). When the free slots run out, the rows outside the top ``capacity`` keys
+are dropped: kept rows from the spare slots move into the places of dropped ones (at most one
+spare's worth of rows), and the spare slots are free again.
 
 Keys come from :func:`torch.rand` (the global generator, on the rows' device), so results are
 reproducible under :func:`torch.manual_seed`.
@@ -31,6 +32,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from ._grad import no_grad
 
 __all__ = ["Reservoir"]
 
@@ -79,11 +82,7 @@ class Reservoir:
         # It doubles while filling, up to ``capacity`` plus ``capacity // 4`` spare slots.
         self._rows: Tensor | None = None
         self._keys: Tensor | None = None
-        self._held = 0  # slots in use: the kept rows and candidates not yet screened out
-        # the slots freed by the last settle (``None``: the free slots follow the used ones),
-        # of which the first ``_taken`` have been filled again
-        self._free: Tensor | None = None
-        self._taken = 0
+        self._held = 0  # the first slots, in use: kept rows and candidates not yet screened
         self._threshold: Tensor | None = None  # the smallest kept key at the last settle
 
     @property
@@ -115,7 +114,7 @@ class Reservoir:
         """
         if self._rows is None:
             return torch.empty(0, self.features or 0)
-        self._compact()
+        self._settle()
         return self._rows[: self._held]
 
     @property
@@ -123,7 +122,7 @@ class Reservoir:
         """The random keys of the kept rows, ``(min(count, capacity),)`` float64, row by row."""
         if self._keys is None:
             return torch.empty(0, dtype=torch.float64)
-        self._compact()
+        self._settle()
         return self._keys[: self._held]
 
     @classmethod
@@ -167,31 +166,29 @@ class Reservoir:
             raise ValueError(
                 f"expected rows of shape (N, {width})\nbut got shape {tuple(rows.shape)}"
             )
-        if self.store is None and self._rows is not None and rows.device != self._rows.device:
-            raise ValueError(
-                f"expected rows on {self._rows.device}, where the reservoir lives\n"
-                f"but got rows on {rows.device}"
-            )
+        self._check_device(rows.device)
 
-    def _insert(self, rows: Tensor, keys: Tensor) -> None:
-        """Copy candidate ``rows`` with their ``keys`` into free slots, once each; when the
-        free slots run out, settle first."""
+    def _insert(self, rows: Tensor, keys: Tensor, index: Tensor | None = None) -> None:
+        """Copy candidate rows with their ``keys`` into the free slots, once each: ``rows``
+        themselves, or ``rows[index]`` gathered straight into place; when the free slots run
+        out, settle first."""
         work = torch.float64 if rows.dtype == torch.float64 else torch.float32
         if self._rows is not None and self._rows.dtype != work:
             work = torch.float64  # float32 and float64 batches mixed: keep the precision
             self._rows = self._rows.to(work)
+        place = self.store or rows.device
         start, total = 0, keys.shape[0]
         while start < total:
-            take = min(self._room(total - start, rows.shape[1], work, rows.device), total - start)
-            part, part_keys = rows[start : start + take], keys[start : start + take]
-            if self._free is None:  # the free slots follow the used ones
-                self._rows[self._held : self._held + take] = part
-                self._keys[self._held : self._held + take] = part_keys
-            else:  # the places of rows dropped by the last settle
-                slots = self._free[self._taken : self._taken + take]
-                self._taken += take
-                self._rows.index_copy_(0, slots, part.to(work))
-                self._keys.index_copy_(0, slots, part_keys)
+            take = min(self._room(total - start, rows.shape[1], work, place), total - start)
+            slots = slice(self._held, self._held + take)
+            dest = self._rows[slots]
+            if index is None:
+                dest.copy_(rows[start : start + take])
+            elif rows.dtype == dest.dtype and rows.device == dest.device:
+                torch.index_select(rows, 0, index[start : start + take], out=dest)
+            else:  # cast, or move to the store: gather on the rows' device first
+                dest.copy_(rows.index_select(0, index[start : start + take]))
+            self._keys[slots] = keys[start : start + take]
             self._held += take
             start += take
 
@@ -215,39 +212,31 @@ class Reservoir:
         return length - self._held
 
     def _settle(self) -> None:
-        """Keep the rows of the top ``capacity`` keys and free the other slots (keys only: no
-        row moves); note the smallest kept key as the screening threshold."""
+        """Keep the rows of the top ``capacity`` keys in the first ``capacity`` slots and free
+        the others; note the smallest kept key as the screening threshold."""
         if self._held < self.capacity:
             return
-        keys = self._keys
+        keys = self._keys[: self._held]
         if self._held == self.capacity:  # just full: screen against the smallest kept key
-            self._threshold = keys[keys >= 0].min()
+            if self._threshold is None:
+                self._threshold = keys.min()
             return
-        # the (length - capacity)-th smallest key splits the slots (free ones hold -1) and is
-        # the new threshold; random float64 keys do not tie, but should they, topk keeps
-        # exactly ``capacity``
-        cut = torch.kthvalue(keys, keys.shape[0] - self.capacity).values
+        # the (held - capacity)-th smallest key splits the rows and is the new threshold;
+        # random float64 keys do not tie, but should they, topk keeps exactly ``capacity``
+        cut = torch.kthvalue(keys, self._held - self.capacity).values
         kept = keys > cut
         if int(kept.sum()) != self.capacity:
             kept = torch.zeros_like(kept)
             kept[torch.topk(keys, self.capacity).indices] = True
-        keys.masked_fill_(~kept, -1.0)
-        self._free, self._taken = torch.nonzero(~kept).squeeze(1), 0
-        self._held, self._threshold = self.capacity, cut
-
-    def _compact(self) -> None:
-        """Settle, then move the kept rows into the first ``capacity`` slots."""
-        self._settle()
-        if self._free is None:
-            return
-        holes = torch.nonzero(self._keys[: self._held] < 0).squeeze(1)
-        movers = torch.nonzero(self._keys[self._held :] >= 0).squeeze(1) + self._held
+        # as many kept rows sit past the first ``capacity`` slots as dropped ones before them
+        holes = torch.nonzero(~kept[: self.capacity]).squeeze(1)
+        movers = torch.nonzero(kept[self.capacity :]).squeeze(1) + self.capacity
         self._rows.index_copy_(0, holes, self._rows.index_select(0, movers))
         self._keys.index_copy_(0, holes, self._keys.index_select(0, movers))
-        self._keys[movers] = -1.0
-        self._free = None
+        self._keys[self.capacity : self._held] = -1.0
+        self._held, self._threshold = self.capacity, cut
 
-    @torch.no_grad()
+    @no_grad
     def update(self, rows: Tensor) -> None:
         """Offer a batch of rows ``(N, w)``; each one is kept with the right probability.
 
@@ -262,13 +251,12 @@ class Reservoir:
         if self.features is None:
             self.features = rows.shape[1]
         rows = rows.detach()
-        self.offer(
-            rows.shape[0],
-            lambda index: rows if index is None else rows.index_select(0, index),
-            rows.device,
-        )
+        index, keys = self._candidates(rows.shape[0], rows.device)
+        self._count += rows.shape[0]
+        if index is None or index.shape[0]:
+            self._insert(rows, *self._to_store(keys), index=index)
 
-    @torch.no_grad()
+    @no_grad
     def offer(
         self,
         count: int,
@@ -294,11 +282,28 @@ class Reservoir:
         if count == 0:
             return
         device = torch.device(device)
+        self._check_device(device)
+        index, keys = self._candidates(count, device)
+        rows = rows_at(index).detach() if index is None or index.shape[0] else None
+        if rows is not None:
+            self._check_rows(rows)
+            if self.features is None:
+                self.features = rows.shape[1]
+        self._count += count
+        if rows is not None:
+            rows, keys = self._to_store(keys, rows)
+            self._insert(rows, keys)
+
+    def _check_device(self, device: torch.device) -> None:
         if self.store is None and self._rows is not None and device != self._rows.device:
             raise ValueError(
                 f"expected rows on {self._rows.device}, where the reservoir lives\n"
                 f"but got rows on {device}"
             )
+
+    def _candidates(self, count: int, device: torch.device) -> tuple[Tensor | None, Tensor]:
+        """Draw ``count`` keys on ``device``; return the positions of the rows that can enter
+        (``None``: all of them) and their keys."""
         keys = torch.rand(count, device=device, dtype=torch.float64)
         if self._held >= self.capacity:
             # A row whose key is below the smallest kept key can never enter: screen first.
@@ -313,19 +318,16 @@ class Reservoir:
         elif count > self.capacity:
             index = torch.topk(keys, self.capacity).indices
         else:
-            index = None  # all of them
-        rows = rows_at(index).detach() if index is None or index.shape[0] else None
-        if rows is not None:
-            self._check_rows(rows)
-            if self.features is None:
-                self.features = rows.shape[1]
-        self._count += count
-        if rows is None:
-            return
-        keys = keys if index is None else keys.index_select(0, index)
-        if self.store is not None:  # only the candidates travel to the store
-            rows, keys = rows.to(self.store), keys.to(self.store)
-        self._insert(rows, keys)
+            return None, keys  # all of them
+        return index, keys.index_select(0, index)
+
+    def _to_store(self, keys: Tensor, rows: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Candidates (``rows``, when given, and ``keys``) moved to the store, if any: only
+        they travel."""
+        if self.store is None:
+            return (keys,) if rows is None else (rows, keys)
+        keys = keys.to(self.store)
+        return (keys,) if rows is None else (rows.to(self.store), keys)
 
     @torch.no_grad()
     def merge_(self, other: Reservoir) -> Reservoir:
