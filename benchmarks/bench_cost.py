@@ -25,7 +25,6 @@ import copy
 import ctypes
 import gc
 import json
-import math
 import os
 import statistics
 import threading
@@ -44,6 +43,12 @@ from torch_lowrank import solvers
 __all__ = ["calibration", "recovery", "memory"]
 
 RATIO = 0.4  # the rank rule used for the cost measurements
+# How many times the calibration batches are repeated for the calibration overhead: a plain
+# forward then takes about 0.1 s on 2 CPU cores. Fixed, because the number of rows changes the
+# cost of the reservoir (it copies about ``samples (1 + ln(N / samples))`` of ``N`` rows).
+# Until 2026-11 the count was chosen per run from a timed forward, which gave the Fashion MLP
+# 32 to 48 batches; these are the counts that rule gave most often.
+PASSES = {"digits": 12, "fashion_mlp": 5, "fashion_cnn": 1, "char_lm": 1}
 
 
 def _seconds(fn) -> float:
@@ -83,36 +88,46 @@ def _profile_table(w) -> list[dict]:
 def calibration(quick: bool = False) -> dict:
     """Calibration pass / plain forward, per workload (median of interleaved repeats).
 
-    The data is the workload's calibration batches, repeated until a plain forward over them
-    takes at least 0.1 s, so that the tiny models are timed above the timer's noise.
+    The data is the workload's calibration batches repeated :data:`PASSES` times, so that the
+    tiny models are timed above the timer's noise (a plain forward takes about 0.1 s). Each
+    repeat times a forward, a calibration, a forward, a calibration without reservoir and a
+    forward; each calibration is divided by the mean of the two forwards around it, and the
+    overheads are the medians of these ratios (the machine's speed drifts from second to
+    second, so a ratio of neighbours is steadier than a ratio of medians).
     """
     torch.set_num_threads(NUM_THREADS)
-    repeats = 3 if quick else 7
+    repeats = 3 if quick else 9
     rows = []
     for name in WORKLOADS:
         w = build(name, quick)
-        once = min(_seconds(lambda w=w: _forward(w.model, w.data)) for _ in range(3))
-        w.data = w.data * math.ceil(0.1 / max(once, 1e-6))
+        w.data = w.data * PASSES[name]
         times = {"forward": [], "calibrate": [], "covariance_only": []}
+        ratios = {"calibrate": [], "covariance_only": []}
         for _ in range(repeats):
-            times["forward"].append(_seconds(lambda w=w: _forward(w.model, w.data)))
+            before = _seconds(lambda w=w: _forward(w.model, w.data))
+            times["forward"].append(before)
             for key, samples in (("calibrate", w.settings["samples"]), ("covariance_only", 0)):
                 model = _converted(w, samples=samples)
-                times[key].append(
-                    _seconds(lambda m=model, w=w: tl.calibrate(m, w.data, progress=False))
-                )
+                seconds = _seconds(lambda m=model, w=w: tl.calibrate(m, w.data, progress=False))
+                after = _seconds(lambda w=w: _forward(w.model, w.data))
+                times[key].append(seconds)
+                times["forward"].append(after)
+                ratios[key].append(seconds / ((before + after) / 2))
+                before = after
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append(
             {
                 "workload": name,
+                "passes": PASSES[name],
                 "batches": len(w.data),
                 "rows_per_batch": int(w.data[0].shape[0]),
                 "samples": w.settings["samples"],
                 "forward_s": med["forward"],
                 "calibrate_s": med["calibrate"],
                 "covariance_only_s": med["covariance_only"],
-                "overhead": med["calibrate"] / med["forward"],
-                "overhead_covariance_only": med["covariance_only"] / med["forward"],
+                "overhead": statistics.median(ratios["calibrate"]),
+                "overhead_covariance_only": statistics.median(ratios["covariance_only"]),
+                "overhead_runs": ratios["calibrate"],
                 "profile": _profile_table(w) if name in ("fashion_mlp", "fashion_cnn") else [],
             }
         )
