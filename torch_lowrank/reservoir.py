@@ -78,8 +78,8 @@ class Reservoir:
         self.store = None if store is None else torch.device(store)  # where kept rows live
         self.features: int | None = None  # the row width, fixed by the first batch
         self._count = 0
-        # slot storage: rows (float32 or float64) and float64 keys (-1 in a free slot).
-        # It doubles while filling, up to ``capacity`` plus ``capacity // 4`` spare slots.
+        # slot storage: rows (float32 or float64) and their float64 keys; the first ``_held``
+        # slots are in use. It doubles while filling, up to ``capacity`` plus a quarter spares.
         self._rows: Tensor | None = None
         self._keys: Tensor | None = None
         self._held = 0  # the first slots, in use: kept rows and candidates not yet screened
@@ -201,7 +201,7 @@ class Reservoir:
             size = max(self._held + want, 2 * length)
             size = self._slots if size >= self.capacity else size
             rows = torch.empty(size, width, dtype=dtype, device=device)
-            keys = torch.full((size,), -1.0, dtype=torch.float64, device=device)
+            keys = torch.empty(size, dtype=torch.float64, device=device)
             if self._held:
                 rows[: self._held] = self._rows[: self._held]
                 keys[: self._held] = self._keys[: self._held]
@@ -233,7 +233,6 @@ class Reservoir:
         movers = torch.nonzero(kept[self.capacity :]).squeeze(1) + self.capacity
         self._rows.index_copy_(0, holes, self._rows.index_select(0, movers))
         self._keys.index_copy_(0, holes, self._keys.index_select(0, movers))
-        self._keys[self.capacity : self._held] = -1.0
         self._held, self._threshold = self.capacity, cut
 
     @no_grad
@@ -254,7 +253,7 @@ class Reservoir:
         index, keys = self._candidates(rows.shape[0], rows.device)
         self._count += rows.shape[0]
         if index is None or index.shape[0]:
-            self._insert(rows, *self._to_store(keys), index=index)
+            self._insert(rows, self._stored(keys), index=index)
 
     @no_grad
     def offer(
@@ -291,8 +290,7 @@ class Reservoir:
                 self.features = rows.shape[1]
         self._count += count
         if rows is not None:
-            rows, keys = self._to_store(keys, rows)
-            self._insert(rows, keys)
+            self._insert(self._stored(rows), self._stored(keys))
 
     def _check_device(self, device: torch.device) -> None:
         if self.store is None and self._rows is not None and device != self._rows.device:
@@ -321,13 +319,9 @@ class Reservoir:
             return None, keys  # all of them
         return index, keys.index_select(0, index)
 
-    def _to_store(self, keys: Tensor, rows: Tensor | None = None) -> tuple[Tensor, ...]:
-        """Candidates (``rows``, when given, and ``keys``) moved to the store, if any: only
-        they travel."""
-        if self.store is None:
-            return (keys,) if rows is None else (rows, keys)
-        keys = keys.to(self.store)
-        return (keys,) if rows is None else (rows.to(self.store), keys)
+    def _stored(self, candidates: Tensor) -> Tensor:
+        """Candidate rows or keys moved to the store, if any: only candidates travel."""
+        return candidates if self.store is None else candidates.to(self.store)
 
     @torch.no_grad()
     def merge_(self, other: Reservoir) -> Reservoir:
