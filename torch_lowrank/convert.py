@@ -15,6 +15,7 @@ kept per model in weak registries here, never on the model itself.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import warnings
 import weakref
@@ -293,8 +294,12 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     """Run one calibration batch: a tensor is the input; a mapping is passed as keyword
     arguments; a tuple or list is ``(inputs, targets, ...)`` and only ``inputs`` is used.
     Tensors are moved to the model's device. Hugging Face models get ``use_cache=False``."""
-    device = _model_device(model)
-    extra = forward_kwargs(model)  # use_cache=False for Hugging Face models
+    return _run_batch(model, batch, _model_device(model), forward_kwargs(model))
+
+
+def _run_batch(model: nn.Module, batch: Any, device: torch.device | None, extra: dict) -> Any:
+    """:func:`default_forward` with the model's device and extra keyword arguments looked up
+    already (once per :func:`calibrate`, not once per batch)."""
     if isinstance(batch, Mapping):
         return model(**{**extra, **{k: _move(v, device) for k, v in batch.items()}})
     if isinstance(batch, (tuple, list)):
@@ -319,7 +324,10 @@ def calibrate(
         >>> calibrate(model, [torch.randn(16, 32) for _ in range(3)])
         3
     """
-    forward_fn = forward_fn or default_forward
+    if forward_fn is None:  # default_forward, with its per-model lookups done once
+        forward_fn = functools.partial(
+            _run_batch, device=_model_device(model), extra=forward_kwargs(model)
+        )
     was_training = model.training
     model.eval()
     count = 0

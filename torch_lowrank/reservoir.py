@@ -169,26 +169,26 @@ class Reservoir:
         self._check_device(rows.device)
 
     def _insert(self, rows: Tensor, keys: Tensor, index: Tensor | None = None) -> None:
-        """Copy candidate rows with their ``keys`` into the free slots, once each: ``rows``
-        themselves, or ``rows[index]`` gathered straight into place; when the free slots run
-        out, settle first."""
+        """Copy candidate rows with their ``keys`` into the free slots, once each: ``rows`` and
+        ``keys`` themselves, or ``rows[index]`` and ``keys[index]`` gathered straight into
+        place; when the free slots run out, settle first."""
         work = torch.float64 if rows.dtype == torch.float64 else torch.float32
         if self._rows is not None and self._rows.dtype != work:
             work = torch.float64  # float32 and float64 batches mixed: keep the precision
             self._rows = self._rows.to(work)
         place = self.store or rows.device
-        start, total = 0, keys.shape[0]
+        start, total = 0, (keys if index is None else index).shape[0]
         while start < total:
             take = min(self._room(total - start, rows.shape[1], work, place), total - start)
             slots = slice(self._held, self._held + take)
-            dest = self._rows[slots]
-            if index is None:
-                dest.copy_(rows[start : start + take])
-            elif rows.dtype == dest.dtype and rows.device == dest.device:
-                torch.index_select(rows, 0, index[start : start + take], out=dest)
-            else:  # cast, or move to the store: gather on the rows' device first
-                dest.copy_(rows.index_select(0, index[start : start + take]))
-            self._keys[slots] = keys[start : start + take]
+            part = slice(start, start + take)
+            for source, dest in ((rows, self._rows[slots]), (keys, self._keys[slots])):
+                if index is None:
+                    dest.copy_(source[part])
+                elif source.dtype == dest.dtype and source.device == dest.device:
+                    torch.index_select(source, 0, index[part], out=dest)
+                else:  # cast, or move to the store: gather on the rows' device first
+                    dest.copy_(source.index_select(0, index[part]))
             self._held += take
             start += take
 
@@ -253,7 +253,7 @@ class Reservoir:
         index, keys = self._candidates(rows.shape[0], rows.device)
         self._count += rows.shape[0]
         if index is None or index.shape[0]:
-            self._insert(rows, self._stored(keys), index=index)
+            self._insert(rows, keys, index=index)
 
     @no_grad
     def offer(
@@ -290,7 +290,7 @@ class Reservoir:
                 self.features = rows.shape[1]
         self._count += count
         if rows is not None:
-            self._insert(self._stored(rows), self._stored(keys))
+            self._insert(rows, keys if index is None else keys.index_select(0, index))
 
     def _check_device(self, device: torch.device) -> None:
         if self.store is None and self._rows is not None and device != self._rows.device:
@@ -301,7 +301,7 @@ class Reservoir:
 
     def _candidates(self, count: int, device: torch.device) -> tuple[Tensor | None, Tensor]:
         """Draw ``count`` keys on ``device``; return the positions of the rows that can enter
-        (``None``: all of them) and their keys."""
+        (``None``: all of them) and all ``count`` keys."""
         keys = torch.rand(count, device=device, dtype=torch.float64)
         if self._held >= self.capacity:
             # A row whose key is below the smallest kept key can never enter: screen first.
@@ -317,11 +317,7 @@ class Reservoir:
             index = torch.topk(keys, self.capacity).indices
         else:
             return None, keys  # all of them
-        return index, keys.index_select(0, index)
-
-    def _stored(self, candidates: Tensor) -> Tensor:
-        """Candidate rows or keys moved to the store, if any: only candidates travel."""
-        return candidates if self.store is None else candidates.to(self.store)
+        return index, keys
 
     @torch.no_grad()
     def merge_(self, other: Reservoir) -> Reservoir:

@@ -237,15 +237,17 @@ class CovarianceStats:
         shift = self._shift_work
         if shift is None or shift.device != rows.device or shift.dtype != work:
             shift = self._shift_work = self.shift.to(rows.device, work)
-        step = max(1, self.chunk_elements // max(1, rows[0].numel()))
+        step = max(1, self.chunk_elements // (rows.numel() // rows.shape[0]))
+        wait_below = self._batch_rows if defer and work == torch.float32 else 0
         for part in (rows,) if rows.shape[0] <= step else rows.split(step):
             count = part.numel() // self.features
-            wait = defer and count < self._batch_rows and work == torch.float32
+            wait = count < wait_below
             if wait:  # shifted straight into the waiting buffer
                 x = self._wait_slot(count, rows.device)
             else:
                 x = torch.empty(count, self.features, dtype=work, device=rows.device)
-            torch.sub(part, shift, out=x.view(part.shape))  # one pass: cast, shift, row layout
+            # one pass: cast, shift, row layout (a view of x in the shape of a (B, H, W, C) part)
+            torch.sub(part, shift, out=x if part.dim() == 2 else x.view(part.shape))
             self.count += count
             if not wait:
                 self._add_rows(x)
