@@ -7,11 +7,13 @@ are compared, so that load from other jobs hits both alike; only ratios compare 
   (the first forward also observes which activation follows each layer) divided by a plain
   ``with torch.no_grad(): model(x)`` over the same batches; also with ``samples=0`` (covariance
   only, no reservoir) and one ``torch.profiler`` table of what a calibration pass spends on.
-  Measured twice: in this process (the suite runs with ``OMP_WAIT_POLICY=PASSIVE``, see
-  ``benchmarks/__init__``) and in a child process with GNU OpenMP's default wait policy, the one
-  a user gets. Under ``PASSIVE`` every parallel operation wakes sleeping threads, which on the
-  shared 2-core machine costs about 0.2 ms per operation (a ``relu`` of 256 x 512: 0.39 ms
-  against 0.02 ms of work), so the ratio there also counts how many operations a pass makes.
+  Measured twice: in a child process with GNU OpenMP's default wait policy, the one a user
+  gets (the headline figure), and in this process (the suite runs with
+  ``OMP_WAIT_POLICY=PASSIVE`` for training, see ``benchmarks/__init__``). Under ``PASSIVE``
+  every parallel operation wakes sleeping threads, which on the shared 2-core machine costs
+  about 0.1-0.2 ms per operation (a ``relu`` of 256 x 512: 0.39 ms against 0.02 ms of work;
+  the Fashion MLP's plain forward takes nearly twice as long), so the ratio there also counts
+  how many operations a pass makes.
 * :func:`recovery`: per layer, with the statistics of the real calibration data: a float64
   ``torch.linalg.eigh`` of size ``min(m, n)``, our ``linear`` solve, the SVD-LLM recipe
   (Cholesky whitening, SVD of ``W S``, triangular solve) and a truncated SVD of ``W``; plus the
@@ -93,7 +95,7 @@ def _profile_table(w) -> list[dict]:
     ]
 
 
-def _calibration_rows(quick: bool, profiles: bool = True) -> list[dict]:
+def _calibration_rows(quick: bool, profiles: bool = True, policy: str | None = None) -> list[dict]:
     """Calibration pass / plain forward, per workload (median of interleaved repeats), in this
     process.
 
@@ -102,7 +104,9 @@ def _calibration_rows(quick: bool, profiles: bool = True) -> list[dict]:
     repeat times a forward, a calibration, a forward, a calibration without reservoir and a
     forward; each calibration is divided by the mean of the two forwards around it, and the
     overheads are the medians of these ratios (the machine's speed drifts from second to
-    second, so a ratio of neighbours is steadier than a ratio of medians).
+    second, so a ratio of neighbours is steadier than a ratio of medians). ``policy`` labels
+    the rows with the OpenMP wait policy in effect (default: ``OMP_WAIT_POLICY`` now, which
+    is the policy only if it was set before ``torch`` loaded).
     """
     torch.set_num_threads(NUM_THREADS)
     repeats = 3 if quick else 9
@@ -138,7 +142,7 @@ def _calibration_rows(quick: bool, profiles: bool = True) -> list[dict]:
                 "overhead": statistics.median(ratios["calibrate"]),
                 "overhead_covariance_only": statistics.median(ratios["covariance_only"]),
                 "overhead_runs": ratios["calibrate"],
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                "omp_wait_policy": policy or os.environ.get("OMP_WAIT_POLICY", "default"),
                 "profile": _profile_table(w)
                 if profiles and name in ("fashion_mlp", "fashion_cnn")
                 else [],
@@ -152,9 +156,10 @@ def _calibration_rows(quick: bool, profiles: bool = True) -> list[dict]:
 
 #: A child process that imports ``torch`` before ``benchmarks``: GNU OpenMP then starts with its
 #: default wait policy, whatever ``benchmarks/__init__`` sets afterwards.
-_CHILD = """import sys, json, torch
+_CHILD = """import sys, json, os, torch
+policy = os.environ.get("OMP_WAIT_POLICY", "default")  # as torch loaded OpenMP
 from benchmarks import bench_cost
-print(json.dumps(bench_cost._calibration_rows(sys.argv[1] == "quick", profiles=False)))
+print(json.dumps(bench_cost._calibration_rows(sys.argv[1] == "quick", policy=policy)))
 """
 
 
@@ -166,22 +171,25 @@ def _default_policy_rows(quick: bool) -> list[dict]:
     done = subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"calibration child process failed:\n{done.stderr[-2000:]}")
+    progress = [line for line in done.stderr.splitlines(True) if line.startswith("calibration")]
+    sys.stderr.write("".join(progress))  # the child's progress lines
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def calibration(quick: bool = False) -> dict:
-    """Calibration pass / plain forward per workload, in this process (the suite's
-    ``OMP_WAIT_POLICY=PASSIVE``) and in a child with the default wait policy.
+    """Calibration pass / plain forward per workload, with GNU OpenMP's default wait policy
+    (a child process: the setting a user runs with) and in this process (the suite's
+    ``OMP_WAIT_POLICY=PASSIVE``, set for training on a busy machine).
 
-    Each row is this process's; ``default_omp`` holds the child's figures for the same
+    Each row is the child's; ``passive_omp`` holds this process's figures for the same
     workload.
     """
-    rows = _calibration_rows(quick)
-    child = {r["workload"]: r for r in _default_policy_rows(quick)}
+    rows = _default_policy_rows(quick)
+    here = {r["workload"]: r for r in _calibration_rows(quick, profiles=False)}
     keys = ("forward_s", "calibrate_s", "covariance_only_s", "overhead",
             "overhead_covariance_only", "overhead_runs", "omp_wait_policy")  # fmt: skip
     for row in rows:
-        row["default_omp"] = {k: child[row["workload"]][k] for k in keys}
+        row["passive_omp"] = {k: here[row["workload"]][k] for k in keys}
     return {"ratio": RATIO, "repeats": rows[0]["repeats"] if rows else 0, "rows": rows}
 
 
