@@ -16,8 +16,9 @@ from torch import nn
 
 import torch_lowrank as tl
 from torch_lowrank import distributed
+from torch_lowrank.cross import CrossStats
 from torch_lowrank.reservoir import Reservoir
-from torch_lowrank.stats import CovarianceStats, CrossStats
+from torch_lowrank.stats import CovarianceStats
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -172,18 +173,18 @@ def test_reduce_helpers_in_a_one_rank_group(tmp_path):
         for part in x.split(70):
             stats.update(part)
             cross.update(part * 2 + 1, part)
-        reduced = distributed.reduce_covariance(stats, 4, x.device)
+        reduced = CovarianceStats.all_reduce(stats, 4, x.device)
         assert reduced.count == 300 and stats.count == 300
         torch.testing.assert_close(reduced.shift, x.mean(0))
         torch.testing.assert_close(reduced.covariance, stats.covariance, rtol=1e-12, atol=1e-12)
-        both = distributed.reduce_cross(cross, 4, x.device)
+        both = CrossStats.all_reduce(cross, 4, x.device)
         for attr in ("mean_tilde", "mean", "covariance_tilde", "covariance", "cross"):
             torch.testing.assert_close(getattr(both, attr), getattr(cross, attr))
-        empty = distributed.reduce_covariance(None, 4, x.device)
+        empty = CovarianceStats.all_reduce(None, 4, x.device)
         assert empty.count == 0 and empty.sum_sq is None
         sample = Reservoir(50)
         sample.update(x.float())
-        merged = distributed.reduce_reservoir(sample, 50, 4, x.device)
+        merged = Reservoir.all_reduce(sample, 50, 4, x.device)
         assert merged.count == 300 and torch.equal(merged.rows, sample.rows)
     finally:
         dist.destroy_process_group()

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import torch_lowrank as tl
-from torch_lowrank.stats import CovarianceStats, CrossStats
+from torch_lowrank.cross import CrossStats
+from torch_lowrank.stats import CovarianceStats
 
 
 def deep_mlp(depth=12, width=64):

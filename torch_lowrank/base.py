@@ -31,10 +31,11 @@ from torch.func import functional_call
 from . import solvers
 from ._grad import no_grad
 from .activations import Activation, batchnorm_affine, paused, resolve_activation
+from .cross import CrossStats
 from .report import LayerReport
 from .reservoir import Reservoir
 from .solve import METHODS, solve_layer
-from .stats import CovarianceStats, CrossStats
+from .stats import CovarianceStats
 
 __all__ = ["METHODS", "target_rank"]
 

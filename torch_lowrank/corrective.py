@@ -8,7 +8,7 @@ calibration data runs twice through the converted model itself (no copy of the m
 * a *compressed* pass, where the modules already solved run their staged factors, captures
   ``x~`` for the same samples.
 
-The pairs feed :class:`~torch_lowrank.stats.CrossStats` (and, for the activation-aware methods, a
+The pairs feed :class:`~torch_lowrank.cross.CrossStats` (and, for the activation-aware methods, a
 reservoir of concatenated ``[x~, x]`` rows), and the wave is solved with
 :func:`~torch_lowrank.solvers.corrective`. Nothing is installed until every wave is solved, so a
 failure leaves the model as it was. Layers that read the same input tensor (attention's q/k/v)
@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .blocks import BlockCache, find_chains
+from .cross import CrossStats
 from .reservoir import Reservoir
 from .solve import plan_layer
-from .stats import CrossStats
 
 __all__ = ["schedule", "corrective_plans"]
 
@@ -173,9 +173,9 @@ def _reduced(
     out = []
     for j in range(module.groups):
         cross, reservoir = pairs[j] if pairs is not None else (None, None)
-        merged = distributed.reduce_cross(cross, n, device)
+        merged = CrossStats.all_reduce(cross, n, device)
         if with_samples:
-            reservoir = distributed.reduce_reservoir(reservoir, module.samples, 2 * n, device)
+            reservoir = Reservoir.all_reduce(reservoir, module.samples, 2 * n, device)
         out.append((merged, reservoir))
     return out
 

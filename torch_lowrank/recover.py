@@ -39,7 +39,9 @@ from .convert import (
 )
 from .corrective import corrective_plans, device_of, held_bytes, solve_cost
 from .report import LayerReport, Report
+from .reservoir import Reservoir
 from .solve import plan_layer, spectrum_of
+from .stats import CovarianceStats
 
 __all__ = ["recover_", "compress"]
 
@@ -157,11 +159,11 @@ def _summed_over_ranks(found: dict[nn.Module, list[str]]) -> Iterator[None]:
             torch.distributed.all_reduce(inputs)
             module.inputs_seen = int(inputs.item())
             stats = module.stats or [None] * module.groups
-            module.stats = [distributed.reduce_covariance(s, width, device) for s in stats]
+            module.stats = [CovarianceStats.all_reduce(s, width, device) for s in stats]
             if module.samples:
                 reservoirs = module.reservoirs or [None] * module.groups
                 module.reservoirs = [
-                    distributed.reduce_reservoir(r, module.samples, n, device) for r in reservoirs
+                    Reservoir.all_reduce(r, module.samples, n, device) for r in reservoirs
                 ]
         yield
     except BaseException:

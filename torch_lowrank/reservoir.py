@@ -31,6 +31,7 @@ import operator
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ._grad import no_grad
@@ -354,3 +355,40 @@ class Reservoir:
         self._insert(other.rows.to(device), other.keys.to(device))
         self._count += other._count
         return self
+
+    @classmethod
+    @torch.no_grad()
+    def all_reduce(
+        cls, reservoir: Reservoir | None, capacity: int, features: int, device: torch.device
+    ) -> Reservoir:
+        """A new reservoir: the ``capacity`` rows with the largest keys over every rank of the
+        default process group, merged with :meth:`merge_` (``reservoir`` is left unchanged;
+        ``None``: this rank saw no rows). Seed the ranks differently so that their keys are
+        independent. Rows are float64 if any rank's are.
+
+        Collective: every rank must call it, in the same order. Rows and keys travel, and the
+        merged reservoir lives, on ``device`` (the layer's device).
+        """
+        world = dist.get_world_size()
+        rows = torch.zeros(capacity, features, dtype=torch.float64, device=device)
+        keys = torch.full((capacity,), -1.0, dtype=torch.float64, device=device)  # keys are >= 0
+        count = torch.zeros(1, dtype=torch.float64, device=device)
+        dtype = torch.float32
+        if reservoir is not None and reservoir.count:
+            kept = reservoir.rows.shape[0]
+            rows[:kept], keys[:kept] = reservoir.rows.to(torch.float64), reservoir.keys
+            count[0], dtype = reservoir.count, reservoir.rows.dtype
+        flags = torch.tensor([float(dtype == torch.float64)], device=device)
+        dist.all_reduce(flags)
+        dtype = torch.float64 if flags.item() else torch.float32
+        gathered = [[torch.empty_like(t) for _ in range(world)] for t in (rows, keys, count)]
+        for parts, tensor in zip(gathered, (rows, keys, count)):
+            dist.all_gather(parts, tensor)
+        merged = cls.from_sample(capacity, rows[:0], keys[:0], 0)
+        for part_rows, part_keys, part_count in zip(*gathered):
+            valid = part_keys >= 0
+            count = int(round(part_count.item()))
+            merged.merge_(
+                cls.from_sample(capacity, part_rows[valid].to(dtype), part_keys[valid], count)
+            )
+        return merged

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from . import projected, solvers
+from .cross import CrossStats
 from .reservoir import Reservoir
-from .stats import CrossStats
 
 __all__ = ["METHODS", "solve_layer", "plan_layer"]
 

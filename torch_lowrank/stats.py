@@ -9,7 +9,9 @@ zero keeps the covariance accurate when the mean is large compared to the spread
 "shifted data" algorithm). Batch products run in float32 (float64 for float64 inputs) and add up in
 a stage of that dtype for at most ``stage_rows`` (8,192) rows; the running sums are float64, so
 millions of rows and float16/bfloat16 activations lose nothing. The sums live on the device of
-the rows they are fed, and ``merge_`` adds two accumulators exactly.
+the rows they are fed. Sums merge exactly once re-centred on a common shift
+(:func:`shifted_product`): ``merge_`` adds two accumulators, and ``all_reduce`` sums the
+accumulators of every ``torch.distributed`` rank about their global mean.
 
 The accumulator is a plain object, not a buffer: it is never part of a ``state_dict``.
 """
@@ -19,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ._grad import no_grad
 
-__all__ = ["CovarianceStats", "CrossStats"]
+__all__ = ["CovarianceStats", "shifted_product"]
 
 
 class CovarianceStats:
@@ -127,12 +130,12 @@ class CovarianceStats:
     #: as it multiplies) and move to the float64 sums every this many rows and whenever the
     #: sums are read: one float64 pass per stage instead of one per product.
     stage_rows: int = 8192
-    #: From this width on the products form only their upper triangle of blocks (several
-    #: matmuls instead of one: slower below it on 2 CPU cores, measured in 2026-11).
+    #: From this width on the products form only their upper triangle of blocks: several
+    #: matmuls instead of one, which cost more than they save on narrower rows.
     symmetric_from: int = 192
     #: The number of column blocks of a symmetric product: ``b`` blocks form ``(b + 1) / 2b`` of
-    #: the full product (5/8 for 4). Four was fastest from 192 to 2,048 features on 2 CPU cores
-    #: (2026-11): 0.66 to 0.84 of the time of the full product, against 0.77 to 0.92 for two.
+    #: the full product (5/8 for 4). Four take less time than two from 192 to 2,048 features:
+    #: the smaller share outweighs the extra matmuls.
     symmetric_blocks: int = 4
 
     def _block_edges(self) -> list[int]:
@@ -199,7 +202,7 @@ class CovarianceStats:
         ``movedim`` view) needs no copy of its own: the shift is subtracted straight into the
         row layout, a chunk of at most :attr:`chunk_elements` elements at a time.
         """
-        for _ in self._shifted_chunks(rows, defer=True):
+        for _ in self.shifted_chunks(rows, defer=True):
             pass
 
     #: Rows are shifted and multiplied in chunks of at most this many elements (4 MiB of
@@ -207,7 +210,8 @@ class CovarianceStats:
     #: pages on every batch.
     chunk_elements: int = 1 << 20
 
-    def _check(self, rows: Tensor) -> None:
+    def check_rows(self, rows: Tensor) -> None:
+        """Raise ``ValueError`` for rows that are not ``(..., n)`` or not on the sums' device."""
         if rows.dim() < 2 or rows.shape[-1] != self.features:
             raise ValueError(
                 f"expected rows of shape (N, {self.features})\nbut got shape {tuple(rows.shape)}"
@@ -218,11 +222,11 @@ class CovarianceStats:
                 f"but the statistics live on {self.shift.device}; keep the model on one device"
             )
 
-    def _shifted_chunks(self, rows: Tensor, defer: bool = False) -> Iterator[Tensor]:
+    def shifted_chunks(self, rows: Tensor, defer: bool = False) -> Iterator[Tensor]:
         """Add ``rows`` to the sums chunk by chunk, yielding each chunk shifted, ``(k, n)`` in
         the work dtype (float32, or float64 for float64 rows). ``defer`` lets a small chunk
         wait for the next ones before its product (see :attr:`_batch_rows`)."""
-        self._check(rows)
+        self.check_rows(rows)
         if rows.numel() == 0:
             return
         work = torch.float64 if rows.dtype == torch.float64 else torch.float32
@@ -309,93 +313,79 @@ class CovarianceStats:
             self.count = other.count
             self._shift_work = None
             return self
-        # Re-centre other's sums from its shift to ours: x - s = (x - t) + (t - s).
-        delta = other.shift.to(self.shift.device) - self.shift
-        o_sum = other.sum.to(self.shift.device)
-        cross = torch.outer(o_sum, delta)
-        self.sum_sq += (
-            other.sum_sq.to(self.shift.device)
-            + cross
-            + cross.T
-            + other.count * torch.outer(delta, delta)
-        )
-        self.sum += o_sum + other.count * delta
+        total, sum_sq = other.sums_about(self.shift)
+        self.sum_sq += sum_sq
+        self.sum += total
         self.count += other.count
         return self
 
+    def sums_about(self, centre: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sum (x - c), sum (x - c)(x - c)^T)`` over the rows, for ``c = centre``: the sums
+        re-centred from the shift, float64 on ``centre``'s device (zeros before any row).
 
-class CrossStats:
-    r"""Streaming moments of paired rows ``(x~, x)``: what the compressed network and the original
-    network feed one layer on the same samples (corrective recovery, DESIGN section 2).
+        Example:
+            >>> stats = CovarianceStats(2)
+            >>> stats.update(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+            >>> total, sum_sq = stats.sums_about(stats.mean)
+            >>> total.tolist(), sum_sq.tolist()
+            ([0.0, 0.0], [[2.0, 4.0], [4.0, 8.0]])
+        """
+        if self.count == 0:
+            return centre.new_zeros(self.features), centre.new_zeros(self.features, self.features)
+        delta = self.shift.to(centre.device) - centre
+        total = self.sum.to(centre.device)
+        sum_sq = self.sum_sq.to(centre.device)
+        sum_sq = shifted_product(sum_sq, self.count, total, delta, total, delta)
+        return total + self.count * delta, sum_sq
 
-    Keeps the count, ``sum x~``, ``sum x``, ``sum x~ x~^T``, ``sum x~ x^T`` and ``sum x x^T``
-    (each about a shift, float64, on the rows' device or on ``store``). All are sums, so
-    they merge.
+    @classmethod
+    @torch.no_grad()
+    def all_reduce(
+        cls, stats: CovarianceStats | None, features: int, device: torch.device
+    ) -> CovarianceStats:
+        """A new accumulator holding the rows of every rank of the default process group,
+        summed about their global mean (``stats`` is left unchanged; ``None``: this rank saw no
+        rows). N ranks that each saw a shard give the statistics of all the rows, to rounding.
+
+        Collective: every rank must call it, in the same order. The sums travel on the device
+        of ``stats``; ``device`` is where a rank without rows makes its zeros.
+        """
+        local = cls(features) if stats is None else stats
+        if local.count:
+            total = local.shift * local.count + local.sum  # sum x
+        else:
+            total = torch.zeros(features, dtype=torch.float64, device=device)
+        packed = torch.cat([total, total.new_tensor([float(local.count)])])
+        dist.all_reduce(packed)
+        out = cls(features)
+        count = int(round(packed[-1].item()))
+        if count == 0:
+            return out
+        mean = packed[:-1] / count
+        total, sum_sq = local.sums_about(mean)
+        packed = torch.cat([total, sum_sq.flatten()])
+        dist.all_reduce(packed)
+        out.count, out.shift = count, mean
+        out.sum, out.sum_sq = packed[:features], packed[features:].view_as(sum_sq)
+        return out
+
+
+def shifted_product(
+    product: Tensor, count: int, sum_a: Tensor, delta_a: Tensor, sum_b: Tensor, delta_b: Tensor
+) -> Tensor:
+    """``sum (a - c_a)(b - c_b)^T`` over ``count`` pairs of rows, from ``product``, ``sum_a``
+    and ``sum_b``, the sums about shifts ``s_a`` and ``s_b``, and ``delta = s - c`` for each
+    side: ``a - c_a = (a - s_a) + delta_a``. A new tensor.
 
     Example:
-        >>> stats = CrossStats(3)
-        >>> x = torch.randn(100, 3)
-        >>> stats.update(x, x)
-        >>> torch.allclose(stats.cross, stats.covariance_tilde)
-        True
+        >>> a = torch.tensor([[1.0], [3.0]], dtype=torch.float64)  # about s = 0, to c = 2
+        >>> delta = torch.tensor([-2.0], dtype=torch.float64)
+        >>> shifted_product(a.T @ a, 2, a.sum(0), delta, a.sum(0), delta).item()
+        2.0
     """
-
-    def __init__(self, features: int, store: str | torch.device | None = None) -> None:
-        self.tilde = CovarianceStats(features, store)
-        self.original = CovarianceStats(features, store)
-        self.sum_cross: Tensor | None = None  # (n, n) sum of (x~ - s~)(x - s)^T
-
-    @property
-    def count(self) -> int:
-        return self.tilde.count
-
-    @property
-    def nbytes(self) -> int:
-        extra = 0 if self.sum_cross is None else self.sum_cross.numel() * 8
-        return self.tilde.nbytes + self.original.nbytes + extra
-
-    @no_grad
-    def update(self, tilde_rows: Tensor, rows: Tensor) -> None:
-        """Add paired batches ``(N, n)``: row ``i`` of both comes from the same sample."""
-        if tilde_rows.shape != rows.shape:
-            raise ValueError(
-                f"expected paired rows of one shape\n"
-                f"but got {tuple(tilde_rows.shape)} and {tuple(rows.shape)}"
-            )
-        self.tilde._check(tilde_rows)  # both sides first: a bad batch adds nothing
-        self.original._check(rows)
-        pairs = zip(self.tilde._shifted_chunks(tilde_rows), self.original._shifted_chunks(rows))
-        for t, x in pairs:
-            if t.dtype != x.dtype:  # one float64 side: the product in float64
-                t, x = t.double(), x.double()
-            product = (t.T @ x).to(self.tilde.shift.device, torch.float64)
-            self.sum_cross = product if self.sum_cross is None else self.sum_cross + product
-
-    def is_finite(self) -> bool:
-        return (
-            self.tilde.is_finite()
-            and self.original.is_finite()
-            and bool(torch.isfinite(self.sum_cross).all())
-        )
-
-    @property
-    def mean_tilde(self) -> Tensor:
-        return self.tilde.mean
-
-    @property
-    def mean(self) -> Tensor:
-        return self.original.mean
-
-    @property
-    def covariance_tilde(self) -> Tensor:
-        return self.tilde.covariance
-
-    @property
-    def covariance(self) -> Tensor:
-        return self.original.covariance
-
-    @property
-    def cross(self) -> Tensor:
-        """``E[(x~ - E x~)(x - E x)^T]``, ``(n, n)`` float64."""
-        n = self.count
-        return self.sum_cross / n - torch.outer(self.tilde.sum / n, self.original.sum / n)
+    return (
+        product
+        + torch.outer(sum_a, delta_b)
+        + torch.outer(delta_a, sum_b)
+        + count * torch.outer(delta_a, delta_b)
+    )
