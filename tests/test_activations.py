@@ -1,5 +1,5 @@
 """Tests of activation detection, BatchNorm folding and activation-aware recovery of models
-(torch_lowrank/activations.py and the model-level use of torch_lowrank/projected.py)."""
+(torch_lowrank/detect.py, activations.py and the model-level use of projected.py)."""
 
 import copy
 

@@ -1,5 +1,6 @@
-"""Tests of activation-aware recovery (torch_lowrank/projected.py): the paper's third theorem on
-planted models, the never-worse guarantee, the projection, the optimizer hook, nuclear norm."""
+"""Tests of activation-aware recovery (torch_lowrank/projected.py, nuclear.py): the paper's third
+theorem on planted models, the never-worse guarantee, the projection, the optimizer hook, nuclear
+norm."""
 
 import math
 
@@ -10,7 +11,7 @@ import torch_optimizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_lowrank import projected, solvers
+from torch_lowrank import nuclear, projected, solvers
 
 f64 = torch.float64
 ACT = {
@@ -176,7 +177,7 @@ def test_smooth_activation_beats_linear_on_fresh_data(activation, margin):
     assert sum(fits) < 0.85 * sum(starts)
 
 
-@pytest.mark.parametrize("activation", [*projected.ACTIVATIONS, "callable"])
+@pytest.mark.parametrize("activation", [*ACT, "callable"])
 def test_every_activation_is_never_worse_and_keeps_the_rank(activation):
     """Random dense layers (no planted structure), m > n and m < n: never worse on the
     objective, rank kept, orthonormal ``up``, the objective matching the formula."""
@@ -354,7 +355,7 @@ def test_nuclear_meets_the_rank_and_is_never_worse(seed, rank):
     weight, bias, sample = planted(seed, sigma=0.1)
     x = sample(150)
     start = linear_start(weight, bias, x, 5)
-    fit = projected.nuclear(weight, bias, x, start, rank=rank, max_iter=100)
+    fit = nuclear.nuclear(weight, bias, x, start, rank=rank, max_iter=100)
     lam = fit.info["lam"]
     assert lam > 0 and fit.rank <= rank
     assert torch.linalg.matrix_rank(fit.up @ fit.down) <= rank
@@ -371,9 +372,9 @@ def test_nuclear_with_given_lam():
     weight, bias, sample = planted(0)
     x = sample(100)
     start = linear_start(weight, bias, x, 2)
-    zero = projected.nuclear(weight, bias, x, start, lam=1e9)
+    zero = nuclear.nuclear(weight, bias, x, start, lam=1e9)
     assert zero.rank == 1 and torch.equal(zero.down, torch.zeros_like(zero.down))
-    free = projected.nuclear(weight, bias, x, start, lam=0.0)
+    free = nuclear.nuclear(weight, bias, x, start, lam=0.0)
     assert free.info["lam"] == 0.0
     assert free.error <= projected.objective(weight, bias, x, start, "relu")
 
@@ -402,8 +403,8 @@ def test_errors():
     with pytest.raises(ValueError, match=r"expected a learning rate lr with an optimizer\n"):
         run(weight, bias, x, start, "relu", optimizer=torch.optim.Adam)
     with pytest.raises(ValueError, match=r"expected at most one of lam or rank\nbut got both"):
-        projected.nuclear(weight, bias, x, start, lam=1.0, rank=2)
+        nuclear.nuclear(weight, bias, x, start, lam=1.0, rank=2)
     with pytest.raises(ValueError, match=r"expected a rank in \[1, 8\]\nbut got 9"):
-        projected.nuclear(weight, bias, x, start, rank=9)
+        nuclear.nuclear(weight, bias, x, start, rank=9)
     with pytest.raises(ValueError, match=r"expected lam >= 0\nbut got -1"):
-        projected.nuclear(weight, bias, x, start, lam=-1.0)
+        nuclear.nuclear(weight, bias, x, start, lam=-1.0)

@@ -1,46 +1,40 @@
-"""Which elementwise activation consumes each low-rank layer's output, and BatchNorm folding.
+"""The elementwise activations the library knows, and BatchNorm as a per-channel affine map.
 
-Real models rarely trace cleanly, so the activation that follows a layer is *observed*: during the
-first calibration forward a :class:`~torch.overrides.TorchFunctionMode` records every function
-that consumes a low-rank module's output tensor. A layer is followed by an activation only when
-its output has exactly one consumer and that consumer is a known elementwise activation
-(``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu``, ``nn.ReLU6``, ``nn.LeakyReLU``,
-``nn.GELU``, ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` and their functional forms). An eval-mode
-BatchNorm between the two is allowed and recorded, so it can be folded into the layer. Anything
-else (a residual add, a norm, a reshape, a second consumer) means "linear" (no activation).
-``nn.Sequential`` adjacency and ``torch.fx`` are cross-checks (:func:`static_activations`).
+An :class:`Activation` is a name (for reports), the function itself and a bound on its slope (for
+the step size of :func:`torch_lowrank.projected.activation_aware`). :data:`ACTIVATIONS` holds the
+known ones by name; :func:`resolve_activation` turns a name or an activation module
+(``nn.ReLU()``, ...) into one. Which activation follows each layer of a model is observed by
+:mod:`torch_lowrank.detect`; :func:`batchnorm_affine` is how an eval BatchNorm between the two is
+folded into the layer.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "ACTIVATIONS",
     "Activation",
-    "FirstForwardDetector",
     "batchnorm_affine",
+    "leaky",
+    "max_slope",
+    "module_activation",
     "resolve_activation",
-    "static_activations",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Activation:
-    """An elementwise activation: a name for reports and the function itself.
+    """An elementwise activation: a name for reports, the function itself and ``max |act'|``.
 
-    ``max_slope`` bounds ``|act'|`` (it scales the projected-gradient step).
+    ``max_slope`` scales the projected-gradient step; in :data:`ACTIVATIONS` it is
+    :func:`max_slope` of the function (exactly 1 for the ReLU family and tanh).
 
     Example:
         >>> ACTIVATIONS["relu"].fn(torch.tensor([-1.0, 2.0]))
@@ -52,11 +46,30 @@ class Activation:
     max_slope: float = 1.0
 
 
+def max_slope(function: Callable[[Tensor], Tensor]) -> float:
+    """``max |function'|`` on ``[-8, 8]`` (1.13 for GELU, 1.10 for SiLU, 0.25 for the sigmoid).
+
+    Example:
+        >>> round(max_slope(torch.sigmoid), 6)
+        0.25
+    """
+    with torch.inference_mode(False), torch.enable_grad():  # the table is built at import
+        grid = torch.linspace(-8.0, 8.0, 3201, dtype=torch.float64, requires_grad=True)
+        (slope,) = torch.autograd.grad(function(grid).sum(), grid)
+    return float(slope.abs().max())
+
+
 def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def _leaky(slope: float) -> Activation:
+def leaky(slope: float) -> Activation:
+    """The leaky ReLU of negative slope ``slope`` (the table's ``"leaky_relu"`` for 0.01).
+
+    Example:
+        >>> leaky(0.2).name, leaky(0.01) is ACTIVATIONS["leaky_relu"]
+        ('leaky_relu(0.2)', True)
+    """
     if slope == 0.01:
         return ACTIVATIONS["leaky_relu"]
     return Activation(
@@ -71,11 +84,11 @@ ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation("relu", F.relu),
     "relu6": Activation("relu6", F.relu6),
     "leaky_relu": Activation("leaky_relu", F.leaky_relu),
-    "gelu": Activation("gelu", F.gelu, 1.13),
-    "gelu_tanh": Activation("gelu_tanh", _gelu_tanh, 1.13),
-    "silu": Activation("silu", F.silu, 1.1),
+    "gelu": Activation("gelu", F.gelu, max_slope(F.gelu)),
+    "gelu_tanh": Activation("gelu_tanh", _gelu_tanh, max_slope(_gelu_tanh)),
+    "silu": Activation("silu", F.silu, max_slope(F.silu)),
     "tanh": Activation("tanh", torch.tanh),
-    "sigmoid": Activation("sigmoid", torch.sigmoid, 0.25),
+    "sigmoid": Activation("sigmoid", torch.sigmoid, max_slope(torch.sigmoid)),
 }
 
 
@@ -96,19 +109,25 @@ def resolve_activation(
                 f"{name}: unknown activation {spec!r}\nexpected one of {', '.join(ACTIVATIONS)}"
             )
         return ACTIVATIONS[spec]
-    found = _module_activation(spec)
+    found = module_activation(spec)
     if found is None:
         raise TypeError(f"{name}: not an elementwise activation\nbut got {spec!r}")
     return found
 
 
-def _module_activation(module: nn.Module) -> Activation | None:
+def module_activation(module: nn.Module) -> Activation | None:
+    """The :class:`Activation` an activation module applies; ``None`` for any other module.
+
+    Example:
+        >>> module_activation(nn.GELU(approximate="tanh")).name, module_activation(nn.Linear(2, 2))
+        ('gelu_tanh', None)
+    """
     if isinstance(module, nn.ReLU):
         return ACTIVATIONS["relu"]
     if isinstance(module, nn.ReLU6):
         return ACTIVATIONS["relu6"]
     if isinstance(module, nn.LeakyReLU):
-        return _leaky(module.negative_slope)
+        return leaky(module.negative_slope)
     if isinstance(module, nn.GELU):
         return ACTIVATIONS["gelu_tanh" if module.approximate == "tanh" else "gelu"]
     if isinstance(module, nn.SiLU):
@@ -118,269 +137,6 @@ def _module_activation(module: nn.Module) -> Activation | None:
     if isinstance(module, nn.Sigmoid):
         return ACTIVATIONS["sigmoid"]
     return None
-
-
-_RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
-_TANH = {torch.tanh, Tensor.tanh, F.tanh}
-_SIGMOID = {torch.sigmoid, Tensor.sigmoid, F.sigmoid}
-# Functions that only read metadata do not consume a tensor's values.
-_METADATA = {
-    "dim",
-    "size",
-    "numel",
-    "__len__",
-    "stride",
-    "is_contiguous",
-    "is_floating_point",
-    "__get__",
-    "element_size",
-}
-
-
-def _bound(args: tuple, kwargs: dict, index: int, key: str, default):
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(key, default)
-
-
-def _call_activation(func, args: tuple, kwargs: dict) -> Activation | None:
-    """The activation a recorded call applies to its first argument, if it is one."""
-    if func in _RELU:
-        return ACTIVATIONS["relu"]
-    if func in _TANH:
-        return ACTIVATIONS["tanh"]
-    if func in _SIGMOID:
-        return ACTIVATIONS["sigmoid"]
-    if func is F.silu:
-        return ACTIVATIONS["silu"]
-    if func is F.gelu:
-        approximate = _bound(args, kwargs, 1, "approximate", "none")
-        return ACTIVATIONS["gelu_tanh" if approximate == "tanh" else "gelu"]
-    if func is F.leaky_relu:
-        return _leaky(float(_bound(args, kwargs, 1, "negative_slope", 0.01)))
-    if func in (F.relu6, F.hardtanh):
-        low = _bound(args, kwargs, 1, "min_val", 0.0 if func is F.relu6 else -1.0)
-        high = _bound(args, kwargs, 2, "max_val", 6.0 if func is F.relu6 else 1.0)
-        if (low, high) == (0.0, 6.0):
-            return ACTIVATIONS["relu6"]
-    return None
-
-
-@dataclass
-class Observed:
-    """What follows one layer: the activation (``None``: linear) and an eval BatchNorm between."""
-
-    activation: Activation | None
-    batchnorm: nn.Module | None = None
-
-
-class ConsumerRecorder(TorchFunctionMode):
-    """Records, during one forward, every function call that consumes a watched tensor.
-
-    Layers call :meth:`watch` on their outputs (from a forward hook); when the forward is over,
-    :meth:`result` says what followed each layer. Calls made while :func:`paused` is active (the
-    library's own calibration hooks) are not recorded.
-    """
-
-    def __init__(self, batchnorms: dict[int, nn.Module]) -> None:
-        super().__init__()
-        self._batchnorms = batchnorms  # id(running_mean) -> the BatchNorm module
-        # id(tensor) -> (tensor, (layer name, call index), BatchNorm the tensor came out of)
-        self._watched: dict[int, tuple[Tensor, tuple[str, int], nn.Module | None]] = {}
-        self._uses: dict[tuple[str, int], list[tuple]] = {}
-        self._calls: dict[str, int] = {}
-        self.pause = 0
-
-    def watch(self, name: str, output: Tensor) -> None:
-        call = (name, self._calls.get(name, 0))
-        self._calls[name] = call[1] + 1
-        self._watched[id(output)] = (output, call, None)
-        self._uses[call] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.pause or getattr(func, "__name__", "") in _METADATA:
-            return out
-        for position, value in enumerate((*args, *kwargs.values())):
-            entry = self._watched.get(id(value)) if isinstance(value, Tensor) else None
-            if entry is None or entry[0] is not value:
-                continue
-            _, call, batchnorm = entry
-            self._uses[call].append((func, args, kwargs, position, batchnorm))
-            if func is F.batch_norm and position == 0 and batchnorm is None:
-                bn = self._batchnorms.get(id(_bound(args, kwargs, 1, "running_mean", None)))
-                if bn is not None and not _bound(args, kwargs, 5, "training", False):
-                    self._watched[id(out)] = (out, call, bn)
-        return out
-
-    def result(self) -> dict[str, Observed]:
-        """Per watched layer name, what consumes its output (every call must agree)."""
-        per_call: dict[str, list[Observed]] = {}
-        for (name, _), uses in self._uses.items():
-            per_call.setdefault(name, []).append(_decide(uses))
-        return {
-            name: found[0] if all(o == found[0] for o in found) else Observed(None)
-            for name, found in per_call.items()
-        }
-
-
-def _decide(uses: list[tuple]) -> Observed:
-    """The activation of one call's output from its consumers: exactly one, elementwise."""
-    direct = [u for u in uses if u[4] is None]
-    after_bn = [u for u in uses if u[4] is not None]
-    if len(direct) != 1 or direct[0][3] != 0:
-        return Observed(None)
-    func, args, kwargs, _, _ = direct[0]
-    if func is F.batch_norm:
-        if len(after_bn) == 1 and after_bn[0][3] == 0:
-            return Observed(_call_activation(*after_bn[0][:3]), after_bn[0][4])
-        # Several consumers after the BatchNorm: fold it all the same (exact), no activation.
-        return Observed(None, after_bn[0][4] if after_bn else None)
-    return Observed(_call_activation(func, args, kwargs))
-
-
-#: The recorder of the forward in progress, if any (the calibration hooks pause it).
-_ACTIVE: list[ConsumerRecorder] = []
-
-
-class paused:
-    """Context manager: calls inside are not recorded as consumers."""
-
-    def __enter__(self) -> None:
-        for recorder in _ACTIVE:
-            recorder.pause += 1
-
-    def __exit__(self, *exc) -> None:
-        for recorder in _ACTIVE:
-            recorder.pause -= 1
-
-
-def static_activations(
-    model: nn.Module, names: list[str], leaf: Callable[[nn.Module], bool] = lambda m: False
-) -> dict[str, Activation | None]:
-    """What ``nn.Sequential`` adjacency and, when the model traces, ``torch.fx`` say follows each
-    named layer; a name missing from the result could not be decided statically. Modules for
-    which ``leaf`` is true are not traced into.
-
-    Example:
-        >>> seq = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
-        >>> {k: (v.name if v else None) for k, v in static_activations(seq, ["0", "2"]).items()}
-        {'0': 'gelu', '2': None}
-    """
-    found: dict[str, Activation | None] = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if name else None
-        if isinstance(parent, nn.Sequential):
-            keys = [k for k, _ in parent.named_children()]
-            i = keys.index(child)
-            nxt = parent.get_submodule(keys[i + 1]) if i + 1 < len(keys) else None
-            if nxt is not None and _module_activation(nxt) is not None:
-                found[name] = _module_activation(nxt)
-            elif nxt is not None:
-                found[name] = None
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return leaf(m) or super().is_leaf_module(m, qualname)
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = Tracer().trace(model)
-    except Exception:  # untraceable models are common; observation is the primary source
-        logger.debug("torch.fx could not trace %s; using observation only", type(model).__name__)
-        return found
-    for node in graph.nodes:
-        if node.op != "call_module" or node.target not in names:
-            continue
-        users = list(node.users)
-        act = None
-        if len(users) == 1:
-            user = users[0]
-            if user.op == "call_module":
-                act = _module_activation(model.get_submodule(user.target))
-            elif user.op in ("call_function", "call_method"):
-                func = (
-                    user.target
-                    if user.op == "call_function"
-                    else getattr(Tensor, user.target, None)
-                )
-                act = _call_activation(func, tuple(user.args), dict(user.kwargs))
-        found.setdefault(node.target, act)
-    return found
-
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-class FirstForwardDetector:
-    """Observes the first complete forward of ``model`` and sets, on every pending layer, the
-    activation that consumed its output (and the eval BatchNorm in between, when ``fold``).
-
-    It holds a forward pre-hook and an always-called forward hook on ``model`` and a forward hook
-    on each layer, all ``RemovableHandle``s, removed after that forward or by :meth:`remove`.
-
-    Args:
-        model: the model whose forward is observed.
-        layers: the low-rank modules to observe, with their names.
-        fold: record an eval-mode BatchNorm between a layer and its activation (to be folded);
-            otherwise such a layer counts as linear.
-    """
-
-    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], fold: bool) -> None:
-        self.layers = layers
-        self.fold = fold
-        self._batchnorms = {
-            id(m.running_mean): m
-            for m in model.modules()
-            if isinstance(m, _BATCHNORMS) and m.running_mean is not None
-        }
-        self._recorder: ConsumerRecorder | None = None
-        self._handles = [
-            model.register_forward_pre_hook(self._begin),
-            model.register_forward_hook(self._end, always_call=True),
-        ]
-        self._handles += [layer.register_forward_hook(self._watch) for layer in layers]
-
-    @property
-    def done(self) -> bool:
-        return not self._handles
-
-    def _begin(self, model: nn.Module, args: tuple) -> None:
-        if self._recorder is None:
-            self._recorder = ConsumerRecorder(self._batchnorms)
-            self._recorder.__enter__()
-            _ACTIVE.append(self._recorder)
-
-    def _watch(self, layer: nn.Module, args: tuple, output) -> None:
-        if self._recorder is not None and isinstance(output, Tensor):
-            self._recorder.watch(self.layers[layer], output)
-
-    def _end(self, model: nn.Module, args: tuple, output) -> None:
-        recorder, self._recorder = self._recorder, None
-        if recorder is None:
-            return
-        recorder.__exit__(None, None, None)
-        _ACTIVE.remove(recorder)
-        self.remove()
-        observed = recorder.result()
-        for layer, name in self.layers.items():
-            if layer.activation_source != "auto" or name not in observed:
-                continue
-            found = observed[name]
-            if found.batchnorm is not None and not self.fold:
-                found = Observed(None)
-            layer.activation = found.activation
-            layer.folded_batchnorm = () if found.batchnorm is None else (found.batchnorm,)
-            layer.activation_source = "observed"
-
-    def remove(self) -> None:
-        """Remove every hook (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def batchnorm_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:

@@ -30,8 +30,9 @@ from torch.func import functional_call
 
 from . import solvers
 from ._grad import no_grad
-from .activations import Activation, batchnorm_affine, paused, resolve_activation
+from .activations import Activation, batchnorm_affine, resolve_activation
 from .cross import CrossStats
+from .detect import paused
 from .report import LayerReport
 from .reservoir import Reservoir
 from .solve import METHODS, solve_layer

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .activations import FirstForwardDetector
 from .base import _LowRankBase, target_rank
 from .conv import LowRankConv1d, LowRankConv2d
+from .detect import FirstForwardDetector
 from .families import DEFAULT_EXCLUDE, adapt, forward_kwargs, tied_weights
 from .linear import LowRankLinear
 from .report import LayerReport

@@ -1,6 +1,6 @@
-"""Activation-aware low-rank recovery by projected gradient, and its nuclear-norm variant.
+"""Activation-aware low-rank recovery by projected gradient: the objective and its minimiser.
 
-DESIGN section 2 (``relu``, ``nuclear``); Zhang & Saab, arXiv 2502.02766, Theorem 3. A layer
+DESIGN section 2 (``relu``); Zhang & Saab, arXiv 2502.02766, Theorem 3. A layer
 ``y = W x + b`` followed by an activation becomes ``a = Z x + c``, ``rank Z <= r``, fitted on
 sample rows ``x`` (a :class:`~torch_lowrank.reservoir.Reservoir`) with targets ``t = act(y)``:
 
@@ -12,60 +12,53 @@ sample rows ``x`` (a :class:`~torch_lowrank.reservoir.Reservoir`) with targets `
 * any other activation: ``f = (1/N) || act(a) - t ||_F^2`` (not convex; same loop).
 
 :func:`activation_aware` starts from the ``linear`` optimum and alternates a gradient step of size
-``1/L`` (``L`` = twice the top eigenvalue of ``(1/N) [X, 1]^T [X, 1]`` times the activation's
-squared maximal slope; doubled whenever a step would increase ``f``) with a projection on rank
-``<= r`` by one subspace-iteration step warm-started from the previous left factor,
-``U <- orth(Z Z^T U)``, ``Z <- U U^T Z``: ``O(m n r)`` instead of a full SVD, and never farther
-from ``Z`` than the previous subspace, so every accepted step descends. A ``torch.optim``-style
-optimizer may replace the plain step. :func:`nuclear` minimises ``f + lam ||Z||_*`` by proximal
-gradient, with ``lam`` given or bisected for a rank. The best iterate is kept: nothing returned
-is worse than its start or NaN. All work is in float64 on the weight's device.
+``1/L`` (``L`` = twice the top eigenvalue of ``(1/N) [X, 1]^T [X, 1]`` times the squared
+``max(1, max_slope)`` of the activation; doubled whenever a step would increase ``f``) with a
+projection on rank ``<= r`` by one subspace-iteration step warm-started from the previous left
+factor, ``U <- orth(Z Z^T U)``, ``Z <- U U^T Z``: ``O(m n r)`` instead of a full SVD, and never
+farther from ``Z`` than the previous subspace, so every accepted step descends. A
+``torch.optim``-style optimizer may replace the plain step. :class:`Problem`, :func:`minimise`
+and :func:`result` are shared with the nuclear-norm variant (:mod:`torch_lowrank.nuclear`). The
+best iterate is kept: nothing returned is worse than its start or NaN. All work is in float64 on
+the weight's device.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .activations import ACTIVATIONS, Activation, max_slope, resolve_activation
 from .solvers import Factors
 
-__all__ = ["ACTIVATIONS", "activation_aware", "nuclear", "objective"]
+__all__ = ["Problem", "activation_aware", "minimise", "objective", "result"]
 
-#: The activations known by name; ``"relu"`` selects the convex objective of Theorem 3.
-ACTIVATIONS = ("relu", "leaky_relu", "relu6", "gelu", "silu", "tanh")
-
-Activation = Union[str, Callable[[Tensor], Tensor]]
+#: What ``activation`` may be: an :class:`~torch_lowrank.activations.Activation`, one of its names
+#: in :data:`~torch_lowrank.activations.ACTIVATIONS`, or an elementwise callable.
+ActivationSpec = Union[Activation, str, Callable[[Tensor], Tensor]]
 
 _WINDOW = 10  # stop when the best objective improved by < tol (relative) over this many steps
 _BACKTRACKS = 30  # at most this many doublings of L for one step
 
 
-_LEAKY = functools.partial(F.leaky_relu, negative_slope=0.01)
-_FUNCTIONS = dict(zip(ACTIVATIONS, (torch.relu, _LEAKY, F.relu6, F.gelu, F.silu, torch.tanh)))
-
-
-def _resolve(activation: Activation) -> tuple[str, Callable[[Tensor], Tensor]]:
-    if isinstance(activation, str) and activation in _FUNCTIONS:
-        return activation, _FUNCTIONS[activation]
+def _resolve(activation: ActivationSpec) -> tuple[Activation, bool]:
+    """The activation and whether it takes the convex objective: ``"relu"`` by name or as an
+    :class:`Activation` does; a plain callable (named after its ``__name__``) never does."""
+    if isinstance(activation, Activation) or (
+        isinstance(activation, str) and activation in ACTIVATIONS
+    ):
+        found = resolve_activation(activation)
+        return found, found.name == "relu"
     if not isinstance(activation, str) and callable(activation):
-        return getattr(activation, "__name__", type(activation).__name__), activation
+        name = getattr(activation, "__name__", type(activation).__name__)
+        return Activation(name, activation, max_slope(activation)), False
     raise ValueError(
-        f"expected an activation in {ACTIVATIONS} or an elementwise callable\n"
+        f"expected an activation in {tuple(ACTIVATIONS)} or an elementwise callable\n"
         f"but got {activation!r}"
     )
-
-
-def _max_slope(function: Callable[[Tensor], Tensor]) -> float:
-    """``max |function'|`` on ``[-8, 8]`` (1.13 for GELU, 1.10 for SiLU), at least 1."""
-    with torch.enable_grad():
-        grid = torch.linspace(-8.0, 8.0, 3201, dtype=torch.float64, requires_grad=True)
-        (slope,) = torch.autograd.grad(function(grid).sum(), grid)
-    return max(1.0, float(slope.abs().max()))
 
 
 def _top_eigenvalue(X: Tensor, iterations: int = 50) -> float:
@@ -91,7 +84,7 @@ def _check_shape(name: str, tensor: Tensor | None, shape: tuple, text: str) -> N
         raise ValueError(f"expected {name} of shape {text}\nbut got shape {tuple(tensor.shape)}")
 
 
-class _Problem:
+class Problem:
     """The data of one layer: rows, targets and the objective with its gradient."""
 
     def __init__(self, weight, bias, rows, target_rows, activation) -> None:
@@ -111,8 +104,8 @@ class _Problem:
             bad = int((~torch.isfinite(x)).sum())
             if bad:
                 raise ValueError(f"expected finite {name}\nbut got {bad} non-finite entries")
-        self.name, self.act = _resolve(activation)
-        self.convex = isinstance(activation, str) and activation == "relu"
+        self.activation, self.convex = _resolve(activation)
+        self.act = self.activation.fn
         y = Xt @ W.T  # (N, m) target pre-activations
         if bias is not None:
             y = y + bias.detach().to(y)
@@ -125,7 +118,7 @@ class _Problem:
     @property
     def lipschitz(self) -> float:
         if self._L is None:
-            slope = 1.0 if self.convex else _max_slope(self.act)
+            slope = 1.0 if self.convex else max(1.0, self.activation.max_slope)
             self._L = max(2.0 * _top_eigenvalue(self.X) * slope**2, 1e-300)
         return self._L
 
@@ -184,15 +177,7 @@ def _project(Z: Tensor, U: Tensor, step: float | None = None) -> tuple[Tensor, T
     return U, U.T @ Z
 
 
-def _shrink(Z: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """The proximal map of ``threshold ||.||_*``: soft-threshold the singular values."""
-    U, s, Vh = torch.linalg.svd(Z, full_matrices=False)
-    s = (s - threshold).clamp_min(0.0)
-    k = int((s > 0).sum())
-    return U[:, :k], s[:k, None] * Vh[:k]
-
-
-def _minimise(problem, state, prox, penalty, max_iter, tol, optimizer=None, lr=None):
+def minimise(problem, state, prox, penalty, max_iter, tol, optimizer=None, lr=None):
     """Minimise ``f + penalty`` from ``state = (up, down, c)``; returns the best iterate.
 
     Default step: gradient step of size ``1/L`` then ``prox``, with ``L`` doubled until the step
@@ -249,8 +234,9 @@ def _minimise(problem, state, prox, penalty, max_iter, tol, optimizer=None, lr=N
     return best, iterations
 
 
-def _result(problem, start, best, before, iterations, info) -> Factors:
-    """``before = (objective, data term)`` at ``start``, which comes back if nothing improved."""
+def result(problem, start, best, before, iterations, info) -> Factors:
+    """The :class:`~torch_lowrank.solvers.Factors` of ``best`` (from :func:`minimise`);
+    ``before = (objective, data term)`` at ``start``, which comes back if nothing improved."""
     value, data, up, down, c = best
     if not value < before[0]:
         (value, data), (up, down, c) = before, problem.start(start)
@@ -271,7 +257,7 @@ def objective(
     bias: Tensor | None,
     rows: Tensor,
     factors: Factors,
-    activation: Activation,
+    activation: ActivationSpec,
     target_rows: Tensor | None = None,
 ) -> float:
     """The activation-aware objective ``f`` of ``factors`` on ``rows`` (see the module notes).
@@ -287,7 +273,7 @@ def objective(
         >>> objective(w, None, x, full, "gelu") < 1e-20
         True
     """
-    problem = _Problem(weight, bias, rows, target_rows, activation)
+    problem = Problem(weight, bias, rows, target_rows, activation)
     return problem.value(*problem.start(factors))
 
 
@@ -296,7 +282,7 @@ def activation_aware(
     bias: Tensor | None,
     rows: Tensor,
     start: Factors,
-    activation: Activation,
+    activation: ActivationSpec,
     *,
     target_rows: Tensor | None = None,
     max_iter: int = 200,
@@ -317,8 +303,9 @@ def activation_aware(
         weight: ``(m, n)`` dense weight. bias: ``(m,)`` or ``None``.
         rows: ``(N, n)`` the inputs the low-rank layer will see (e.g. a reservoir's rows).
         start: the starting factors (from :func:`torch_lowrank.solvers.linear`); rank kept.
-        activation: one of :data:`ACTIVATIONS` (``"leaky_relu"``: slope 0.01) or an elementwise
-            callable (always with the non-convex objective).
+        activation: an :class:`~torch_lowrank.activations.Activation`, a name in
+            :data:`~torch_lowrank.activations.ACTIVATIONS` (``"leaky_relu"``: slope 0.01) or an
+            elementwise callable (always with the non-convex objective).
         target_rows: ``(N, n)`` the inputs producing the targets (corrective recovery: the
             original network's inputs; ``rows`` come from the compressed one). Default ``rows``.
         max_iter: iteration cap. tol: relative-improvement stopping threshold.
@@ -348,89 +335,13 @@ def activation_aware(
         raise ValueError("expected a learning rate lr with an optimizer\nbut got lr=None")
     if max_iter < 0 or not tol >= 0:
         raise ValueError(f"expected max_iter >= 0 and tol >= 0\nbut got {max_iter}, {tol}")
-    problem = _Problem(weight, bias, rows, target_rows, activation)
+    problem = Problem(weight, bias, rows, target_rows, activation)
     state = problem.start(start)
     before = problem.value(*state)
     zero = lambda down: 0.0  # noqa: E731
-    best, k = _minimise(
+    best, k = minimise(
         problem, problem.release_dead(*state), _project, zero, max_iter, tol, optimizer, lr
     )
-    return _result(problem, start, best, (before, before), k, {"activation": problem.name})
-
-
-def nuclear(
-    weight: Tensor,
-    bias: Tensor | None,
-    rows: Tensor,
-    start: Factors,
-    *,
-    lam: float | None = None,
-    rank: int | None = None,
-    target_rows: Tensor | None = None,
-    max_iter: int = 200,
-    tol: float = 1e-6,
-) -> Factors:
-    r"""ReLU-aware recovery with a nuclear-norm penalty: minimises ``f_relu + lam ||Z||_*``.
-
-    Proximal gradient (step ``1/L``, singular-value soft thresholding, one SVD per iteration)
-    from ``start``; the rank falls out of ``lam``. Give ``lam``, or ``rank`` (default: the rank
-    of ``start``) and ``lam`` is found by bisection (on a log scale, about 13 solves) as nearly
-    the smallest one whose solution has rank ``<= rank``. The best iterate for the final ``lam``
-    is returned; it is never worse than ``start`` on ``f_relu + lam ||Z||_*``.
-
-    Args: as :func:`activation_aware`, and ``lam >= 0`` or ``rank`` in ``[1, min(m, n)]``.
-
-    Returns:
-        :class:`~torch_lowrank.solvers.Factors` as :func:`activation_aware`; ``up`` ``(m, k)``,
-        ``k`` >= 1 the solution's rank; ``error`` = ``f_relu`` without the penalty;
-        ``info["objective_before" / "objective_after"]`` penalised; ``info["lam"]``.
-
-    Example:
-        >>> from torch_lowrank import solvers
-        >>> _ = torch.manual_seed(0)
-        >>> w, x = torch.randn(12, 8, dtype=torch.float64), torch.randn(200, 8, dtype=torch.float64)
-        >>> start = solvers.linear(w, None, x.mean(0), torch.cov(x.T, correction=0), rank=6)
-        >>> fit = nuclear(w, None, x, start, rank=3, max_iter=30)
-        >>> fit.rank <= 3, fit.info["lam"] > 0
-        (True, True)
-    """
-    problem = _Problem(weight, bias, rows, target_rows, "relu")
-    if lam is not None and rank is not None:
-        raise ValueError("expected at most one of lam or rank\nbut got both")
-    if lam is not None and not lam >= 0:
-        raise ValueError(f"expected lam >= 0\nbut got {lam}")
-    state = problem.start(start)
-    f_start = problem.value(*state)
-    norm_start = float(torch.linalg.svdvals(state[0] @ state[1]).sum())  # ||Z_start||_*
-    released = problem.release_dead(*state)
-
-    def solve(weight_: float) -> Factors:
-        best, iterations = _minimise(
-            problem,
-            released,
-            lambda Z, up, step: _shrink(Z, weight_ * step),
-            lambda down: weight_ * float(torch.linalg.svdvals(down).sum()),  # up orthonormal
-            max_iter,
-            tol,
-        )
-        before = (f_start + weight_ * norm_start, f_start)
-        info = {"activation": "relu", "lam": weight_}
-        return _result(problem, start, best, before, iterations, info)
-
-    if lam is not None:
-        return solve(float(lam))
-    target = start.rank if rank is None else rank
-    if not 1 <= target <= min(problem.shape):
-        raise ValueError(f"expected a rank in [1, {min(problem.shape)}]\nbut got {target}")
-    # From lam = L ||Z_start||_2 up, the first step alone thresholds almost everything away.
-    hi = max(problem.lipschitz * float(torch.linalg.matrix_norm(state[0] @ state[1], ord=2)), 1e-12)
-    while (fit := solve(hi)).rank > target and hi < 1e300:
-        hi *= 4.0
-    lo = 1e-9 * hi
-    for _ in range(12):  # geometric bisection to within 0.5%: rank(lo) > target >= rank(hi)
-        mid = math.sqrt(lo * hi)
-        if (trial := solve(mid)).rank <= target:
-            hi, fit = mid, trial
-        else:
-            lo = mid
-    return fit
+    return result(
+        problem, start, best, (before, before), k, {"activation": problem.activation.name}
+    )

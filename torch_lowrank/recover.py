@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from . import distributed
-from .activations import static_activations
 from .allocation import LayerBudget, allocate
 from .base import METHODS, _LowRankBase
 from .convert import (
@@ -38,6 +37,7 @@ from .convert import (
     progress_bar,
 )
 from .corrective import corrective_plans, device_of, held_bytes, solve_cost
+from .detect import static_activations
 from .report import LayerReport, Report
 from .reservoir import Reservoir
 from .solve import plan_layer, spectrum_of

@@ -12,7 +12,7 @@ import time
 import torch
 from torch import Tensor
 
-from . import projected, solvers
+from . import nuclear, projected, solvers
 from .cross import CrossStats
 from .reservoir import Reservoir
 
@@ -94,10 +94,9 @@ def solve_layer(
         if not aware:
             return start
         if method == "nuclear":
-            return projected.nuclear(weight, bias, rows, start, target_rows=targets, **options)
-        spec = activation.name if activation.name in projected.ACTIVATIONS else activation.fn
+            return nuclear.nuclear(weight, bias, rows, start, target_rows=targets, **options)
         return projected.activation_aware(
-            weight, bias, rows, start, spec, target_rows=targets, **options
+            weight, bias, rows, start, activation, target_rows=targets, **options
         )
 
     matrices = module._weights(fold)
