@@ -3,6 +3,10 @@
 Only files written by ``benchmarks/run.py`` (a dict with a ``"benchmark"`` key) are read; the
 older per-script result files in the same folder are ignored. Called by ``run.py``; also
 ``python -m benchmarks.results_page [DIR]`` rebuilds the page without running anything.
+
+The published page, ``benchmarks/RESULTS.md``, is built only from full runs in the default
+folder ``benchmarks/results/``; any other folder, or a folder holding quick runs, gets its own
+``DIR/RESULTS.md`` (see :func:`page_for`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ from pathlib import Path
 
 from benchmarks.bench_quality import METHODS, OURS, WORKLOADS
 
-__all__ = ["load", "write", "quality_plot"]
+__all__ = ["DEFAULT_FOLDER", "PUBLISHED_PAGE", "load", "page_for", "write", "quality_plot"]
+
+#: Where ``benchmarks/run.py`` writes the JSON files of a full run by default.
+DEFAULT_FOLDER = Path(__file__).resolve().parent / "results"
+#: The published results page, linked from the README.
+PUBLISHED_PAGE = Path(__file__).resolve().parent / "RESULTS.md"
 
 LABELS = {
     "svd": "SVD (weights only)",
@@ -390,6 +399,16 @@ def write(folder: Path, page: Path) -> Path:
     return page
 
 
+def page_for(folder: Path, quick: bool) -> Path:
+    """The results page for the JSON files in ``folder``: the published ``benchmarks/RESULTS.md``
+    for a full run in the default folder, else ``folder/RESULTS.md`` next to the JSON files."""
+    folder = Path(folder)
+    if not quick and folder.resolve() == DEFAULT_FOLDER.resolve():
+        return PUBLISHED_PAGE
+    return folder / "RESULTS.md"
+
+
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"
-    print(write(target, Path(__file__).parent / "RESULTS.md"))
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_FOLDER
+    quick = any(record["quick"] for record in load(target).values())
+    print(write(target, page_for(target, quick)))

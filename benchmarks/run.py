@@ -3,15 +3,21 @@
     python benchmarks/run.py [--quick] [--out DIR] [--only NAME ...] [--page PATH]
 
 Each benchmark is a function ``fn(quick: bool) -> dict`` in a ``benchmarks/bench_*.py`` module;
-its result is written to ``DIR/<name>.json`` (default ``benchmarks/results/``) together with the
-machine, the library versions, the command and the wall time, and ``benchmarks/RESULTS.md`` is
-regenerated (tables, and PNG plots next to the JSON files) from every suite JSON file in ``DIR``,
-so a partial run (``--only``) updates its own sections and keeps the others.
+its result is written to ``DIR/<name>.json`` together with the machine, the library versions,
+the command and the wall time, and a results page (tables, and PNG plots next to the JSON
+files) is regenerated from every suite JSON file in ``DIR``, so a partial run (``--only``)
+updates its own sections and keeps the others.
+
+Where things go: a full run without ``--out`` writes ``benchmarks/results/`` and the published
+page ``benchmarks/RESULTS.md``. With ``--out DIR`` the JSON files and the page go to ``DIR`` and
+``DIR/RESULTS.md``. A quick run never touches the published results: without ``--out`` it writes
+to ``<tempdir>/torch_lowrank_bench_quick/``. ``--page PATH`` overrides the page's path (a quick
+run may not name the published page).
 
 ``--quick`` runs every method on every workload with fewer ratios, smaller calibration sets and
 capped solver iterations (see ``bench_quality.SETTINGS``); it is
-meant to finish in under 10 minutes on 2 CPU cores once the trained models are cached (training
-them the first time takes about 6 more minutes). Models are trained once and cached outside the
+meant to finish in minutes once the trained models are cached (training them the first time
+takes several more minutes). Models are trained once and cached outside the
 repository (``benchmarks/models.py``). Everything is seeded. ``corrective_modes`` (parallel,
 GPTQ-style sequential and corrective recovery, ``bench_corrective``; about 40 minutes) and
 ``block_caching`` (``bench_block_cache``) run only when named, e.g. ``--only corrective_modes``.
@@ -28,6 +34,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from importlib import metadata
@@ -50,6 +57,9 @@ from benchmarks import (  # noqa: E402
     results_page,
 )
 from benchmarks.models import NUM_THREADS, cache_dir  # noqa: E402
+
+#: Where a quick run without ``--out`` writes (never the published ``benchmarks/results/``).
+QUICK_OUT = Path(tempfile.gettempdir()) / "torch_lowrank_bench_quick"
 
 
 def _corrective_modes(quick: bool) -> dict:
@@ -137,13 +147,20 @@ def versions() -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every method, smaller settings")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    out_help = "JSON files and page (default: benchmarks/results/; --quick: a temporary folder)"
+    parser.add_argument("--out", help=out_help)
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
                         help=f"run only these: {', '.join(BENCHMARKS)}")  # fmt: skip
-    parser.add_argument("--page", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    page_help = "results page (default: DIR/RESULTS.md; full run into benchmarks/results/: "
+    page_help += "the published benchmarks/RESULTS.md)"
+    parser.add_argument("--page", help=page_help)
     args = parser.parse_args(argv)
+    default_out = QUICK_OUT if args.quick else results_page.DEFAULT_FOLDER
+    out = Path(args.out) if args.out is not None else default_out
+    page = Path(args.page) if args.page else results_page.page_for(out, args.quick)
+    if args.quick and page.resolve() == results_page.PUBLISHED_PAGE.resolve():
+        parser.error(f"--quick would overwrite the published page {page}; give another --page")
     torch.set_num_threads(NUM_THREADS)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     default = ("quick",) if args.quick else ("quick", "full")
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         path = out / f"{name}.json"
         path.write_text(json.dumps(record, indent=2, default=float) + "\n")
         print(f"== {name}: {seconds:.1f} s -> {path}", flush=True)
-    page = results_page.write(out, Path(args.page))
+    page = results_page.write(out, page)
     total = time.perf_counter() - suite_start
     print(f"== suite: {total:.1f} s; results page {page}", flush=True)
     if failed:
