@@ -35,7 +35,7 @@ def run(names: list[str], ratio: float, method: str, repeats: int) -> list[dict]
                 start = time.perf_counter()
                 _, report = tl.compress(
                     compressed, data, method=method, ratio=ratio, progress=False,
-                    options={"cache_blocks": cache}, **kwargs,
+                    cache_blocks=cache, **kwargs,
                 )  # fmt: skip
                 seconds[cache].append(time.perf_counter() - start)
                 info[cache], value[cache] = report.info, metric(compressed)

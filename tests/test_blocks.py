@@ -91,7 +91,7 @@ def compress_both(build, data, **kwargs):
     for cache in (True, False):
         torch.manual_seed(0)
         model = copy.deepcopy(build).eval()
-        _, report = tl.compress(model, data, options={"cache_blocks": cache}, **kwargs)
+        _, report = tl.compress(model, data, cache_blocks=cache, **kwargs)
         out[cache] = (model, report)
     return out
 

@@ -88,17 +88,19 @@ def test_include_exclude_patterns_and_callables():
 
 
 def test_layers_that_would_not_save_stay_dense_and_the_report_says_why():
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3), nn.Linear(3, 3))
+    model = nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 3), nn.Linear(3, 3)
+    )
     tl.convert(model, rank=8, exclude="0")
-    assert isinstance(model[2], LowRankLinear) is False  # rank clamps to 3: 3*67 >= 192
+    assert isinstance(model[3], LowRankLinear) is False  # rank clamps to 3: 3*67 >= 192
     tl.calibrate(model, [torch.randn(32, 64)])
-    with pytest.warns(UserWarning, match="no calibrating low-rank module"):
-        report = tl.recover_(model)
-    assert [row.note for row in report.layers] == [
-        "excluded",
-        "rank 3 saves no parameters",
-        "rank 3 saves no parameters",
+    report = tl.recover_(model)
+    assert [(row.name, row.note) for row in report.layers if row.method == "dense"] == [
+        ("0", "excluded"),
+        ("3", "rank 3 saves no parameters"),
+        ("4", "rank 3 saves no parameters"),
     ]
+    assert report["2"].rank == 8
 
 
 def test_shared_layer_is_swapped_everywhere():
@@ -239,7 +241,7 @@ def test_convert_validation(kwargs, message):
 
 
 def test_progress_bars_can_be_turned_off(capsys):
-    from torch_lowrank.convert import progress_bar
+    from torch_lowrank.batches import progress_bar
 
     assert progress_bar([1, 2], "x", enabled=False).disable
     model = tl.convert(nn.Sequential(nn.Linear(8, 8)), rank=2)

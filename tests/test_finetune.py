@@ -281,14 +281,16 @@ def test_merge_gives_plain_dense_layers_with_equal_outputs(dtype, tol):
 
 
 def test_merge_of_a_single_layer_and_of_calibrating_modules():
-    """A model that is itself a recovered module returns its dense layer; calibrating modules are
-    left alone; merging twice changes nothing."""
+    """A model that is itself a recovered module returns its dense layer; a model with
+    calibrating modules is refused and left as it was; merging twice changes nothing."""
     layer, x = recovered_layer("linear")
     dense = merge_(layer)
     assert type(dense) is nn.Linear
     assert torch.allclose(dense(x), layer(x), atol=1e-6)
     model = tl.convert(mlp(), rank=4)
     first = model[0]
-    assert merge_(model) is model and model[0] is first and first.calibrating
+    with pytest.raises(RuntimeError, match="still calibrating:\n0, 2"):
+        merge_(model)
+    assert model[0] is first and first.calibrating
     plain = mlp()
     assert merge_(plain) is plain

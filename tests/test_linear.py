@@ -62,7 +62,7 @@ def test_calibrating_forward_is_exactly_the_dense_layer():
 def test_recovery_drops_dense_weight_statistics_and_hook():
     torch.manual_seed(2)
     layer = calibrated(nn.Linear(16, 8), rank=3)
-    hook = layer._calibration_hook
+    handles = layer.observer.handles
     layer.recover_("linear")
     assert not layer.calibrating and layer.stats is None and layer.samples_seen == 0
     assert not hasattr(layer, "dense")
@@ -70,7 +70,8 @@ def test_recovery_drops_dense_weight_statistics_and_hook():
     # The hook is gone: further forward passes accumulate nothing and the handle is dead.
     layer(torch.randn(5, 16))
     assert layer.stats is None
-    assert hook.id not in hook.hooks_dict_ref()  # the handle's own (public) view of its dict
+    assert layer.observer is None and len(handles) == 2
+    assert all(h.id not in h.hooks_dict_ref() for h in handles)  # the handles' own view
 
 
 def test_recovered_weight_is_the_product_and_to_linear_matches():

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch_optimizer
 
+from torch_lowrank import nuclear, projected, solvers
 from torch_lowrank import options as opts
-from torch_lowrank import projected, solvers
 from torch_lowrank.options import (
     METHODS,
     LinearOptions,
@@ -142,13 +142,13 @@ def test_numpy_scalars_become_python_numbers():
 
 
 def test_defaults_equal_the_solvers_defaults():
-    relu, nuclear = make_options("relu", None), make_options("nuclear", None)
-    assert make_options("linear", None).damping == relu.damping == nuclear.damping == 1e-2
+    relu, nuc = make_options("relu", None), make_options("nuclear", None)
+    assert make_options("linear", None).damping == relu.damping == nuc.damping == 1e-2
     assert default(solvers.corrective, "damping") == 1e-2
-    for function in (projected.activation_aware, projected.nuclear):
-        assert default(function, "max_iter") == relu.max_iter == nuclear.max_iter == 200
-        assert default(function, "tol") == relu.tol == nuclear.tol == 1e-6
-    assert (relu.optimizer, relu.lr, nuclear.lam) == (None, None, None)
+    for function in (projected.activation_aware, nuclear.nuclear):
+        assert default(function, "max_iter") == relu.max_iter == nuc.max_iter == 200
+        assert default(function, "tol") == relu.tol == nuc.tol == 1e-6
+    assert (relu.optimizer, relu.lr, nuc.lam) == (None, None, None)
 
 
 def test_solver_kwargs_match_the_solvers():
@@ -163,7 +163,7 @@ def test_solver_kwargs_match_the_solvers():
     assert LinearOptions().solver_kwargs() == SvdOptions().solver_kwargs() == {}
     for function, options in (
         (projected.activation_aware, relu),
-        (projected.nuclear, NuclearOptions()),
+        (nuclear.nuclear, NuclearOptions()),
     ):
         assert set(options.solver_kwargs()) <= set(inspect.signature(function).parameters)
 
@@ -241,5 +241,5 @@ def test_solver_kwargs_drive_the_solvers():
     relu = make_options("relu", {"optimizer": "adam", "lr": 1e-2, "max_iter": 5})
     fit = projected.activation_aware(w, None, x, start, "relu", **relu.solver_kwargs())
     assert fit.rank == 2 and fit.info["iterations"] <= 5
-    nuclear = make_options("nuclear", {"lam": 1e-3, "max_iter": 5})
-    assert projected.nuclear(w, None, x, start, **nuclear.solver_kwargs()).info["lam"] == 1e-3
+    nuc = make_options("nuclear", {"lam": 1e-3, "max_iter": 5})
+    assert nuclear.nuclear(w, None, x, start, **nuc.solver_kwargs()).info["lam"] == 1e-3

@@ -14,21 +14,20 @@ Example:
     True
 """
 
-from .base import METHODS
+from .batches import calibrate, default_forward
 from .conv import LowRankConv1d, LowRankConv2d
-from .convert import calibrate, convert, default_forward
+from .convert import convert
 from .finetune import finetune_, merge_
 from .linear import LowRankLinear
+from .options import METHODS
 from .recover import compress, recover_
 from .report import LayerReport, Report
 from .serialize import load_state_dict
-from .stats import CovarianceStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
-    "CovarianceStats",
     "LayerReport",
     "LowRankConv1d",
     "LowRankConv2d",

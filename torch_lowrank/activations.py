@@ -1,11 +1,11 @@
-"""The elementwise activations the library knows, and BatchNorm as a per-channel affine map.
+"""The elementwise activations the library knows: one table.
 
 An :class:`Activation` is a name (for reports), the function itself and a bound on its slope (for
 the step size of :func:`torch_lowrank.projected.activation_aware`). :data:`ACTIVATIONS` holds the
 known ones by name; :func:`resolve_activation` turns a name or an activation module
 (``nn.ReLU()``, ...) into one. Which activation follows each layer of a model is observed by
-:mod:`torch_lowrank.detect`; :func:`batchnorm_affine` is how an eval BatchNorm between the two is
-folded into the layer.
+:mod:`torch_lowrank.detect`; an eval BatchNorm between the two is folded into the layer by
+:mod:`torch_lowrank.batchnorm`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from torch import Tensor, nn
 __all__ = [
     "ACTIVATIONS",
     "Activation",
-    "batchnorm_affine",
     "leaky",
     "max_slope",
     "module_activation",
@@ -137,20 +136,3 @@ def module_activation(module: nn.Module) -> Activation | None:
     if isinstance(module, nn.Sigmoid):
         return ACTIVATIONS["sigmoid"]
     return None
-
-
-def batchnorm_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """An eval-mode BatchNorm as ``y = scale * x + offset`` per channel, in float64.
-
-    Example:
-        >>> bn = nn.BatchNorm1d(2).eval()
-        >>> scale, offset = batchnorm_affine(bn)
-        >>> x = torch.randn(4, 2)
-        >>> torch.allclose(x.double() * scale + offset, bn(x).double(), atol=1e-6)
-        True
-    """
-    var, mean = bn.running_var.detach().double(), bn.running_mean.detach().double()
-    gamma = torch.ones_like(var) if bn.weight is None else bn.weight.detach().double()
-    beta = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().double()
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return scale, beta - mean * scale

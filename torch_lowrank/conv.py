@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import solvers
-from .base import _LowRankBase, new_parameter, target_rank
+from .base import LowRankModule, new_parameter
+from .ranks import target_rank
 
 __all__ = ["LowRankConv1d", "LowRankConv2d"]
 
@@ -94,7 +95,7 @@ def _patch_rows(
             yield rows(strip)
 
 
-class _LowRankConv(_LowRankBase):
+class _LowRankConv(LowRankModule):
     """The shared body of :class:`LowRankConv1d` and :class:`LowRankConv2d`."""
 
     _dims: int
@@ -148,6 +149,13 @@ class _LowRankConv(_LowRankBase):
         return conv.out_channels // g, conv.in_channels // g * math.prod(conv.kernel_size)
 
     @classmethod
+    def describe(cls, conv: nn.Module) -> str:
+        """The weight as messages name it: its real shape and the matrix it is."""
+        m, n = cls.matrix_shape_of(conv)
+        per_group = " per group" if conv.groups > 1 else ""
+        return f"{tuple(conv.weight.shape)} weight ({m} x {n} as a matrix{per_group})"
+
+    @classmethod
     def _empty_like(cls, conv: nn.Module, rank: int) -> _LowRankConv:
         return cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride,
@@ -174,7 +182,7 @@ class _LowRankConv(_LowRankBase):
         return text
 
     # -- calibration: patches as rows ---------------------------------------------------------
-    def _inputs_in(self, x: Tensor) -> int:
+    def count_inputs(self, x: Tensor) -> int:
         return x.shape[0] if x.dim() == self._dims + 2 else 1
 
     def _explicit_padding(self) -> list[int]:
@@ -190,7 +198,7 @@ class _LowRankConv(_LowRankBase):
                 pads += [self.padding[i], self.padding[i]]
         return pads
 
-    def _check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor) -> None:
         d = self._dims
         if x.dim() not in (d + 1, d + 2) or x.shape[-d - 1] != self.in_channels:
             raise ValueError(
@@ -213,21 +221,17 @@ class _LowRankConv(_LowRankBase):
             kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
         return x, kernel, stride, dilation
 
-    def _row_chunks(self, x: Tensor) -> Iterator[Tensor]:
-        self._check_input(x)
+    def input_rows(self, x: Tensor) -> Iterator[Tensor]:
+        self.check_input(x)
         return _patch_rows(*self._padded(x), self.chunk_elements)
 
-    def _sample_inputs(self, x: Tensor) -> None:
+    def offer_samples(self, x: Tensor, reservoirs: list) -> None:
         """Offer every output position to the reservoirs, and build the patches of only the
         positions that can enter (at most ``samples`` per batch): no ``unfold`` of the map."""
-        self._check_input(x)
-        if not self.samples:
-            return
         padded, kernel, stride, dilation = self._padded(x)
         count = padded.shape[0] * math.prod(_out_size(padded, kernel, stride, dilation))
         if count == 0:
             return
-        self._start_accumulators()
 
         def pick(index: Tensor | None, channels: Tensor) -> Tensor:
             if index is None:  # every position can enter
@@ -235,15 +239,15 @@ class _LowRankConv(_LowRankBase):
             return _patches_at(channels, index, kernel, stride, dilation)
 
         # each group's reservoir builds its patches from that group's channels only
-        for reservoir, channels in zip(self.reservoirs, padded.chunk(self.groups, dim=1)):
+        for reservoir, channels in zip(reservoirs, padded.chunk(self.groups, dim=1)):
             reservoir.offer(count, lambda index, c=channels: pick(index, c))
 
-    def _output_rows(self, y: Tensor) -> Tensor:
+    def output_rows(self, y: Tensor) -> Tensor:
         if y.dim() == self._dims + 1:
             y = y.unsqueeze(0)  # unbatched input
         return y.movedim(1, -1)  # (B, *positions, C_out), a view
 
-    def _matrices(self) -> list[tuple[Tensor, Tensor | None]]:
+    def matrices(self) -> list[tuple[Tensor, Tensor | None]]:
         m, n = self.matrix_shape
         weight = self.dense.weight.reshape(self.groups, m, n)
         bias = self.dense.bias
@@ -253,7 +257,7 @@ class _LowRankConv(_LowRankBase):
         ]
 
     @torch.no_grad()
-    def _factor_layers(self, factors: list[solvers.Factors]) -> tuple[nn.Module, nn.Module]:
+    def factor_layers(self, factors: list[solvers.Factors]) -> tuple[nn.Module, nn.Module]:
         r = factors[0].rank
         like = self.dense.weight
         d, g = self._dims, self.groups

@@ -1,4 +1,4 @@
-"""Finding and swapping layers, and calibrating.
+"""Finding the layers to compress and swapping them for calibrating low-rank modules.
 
 The flow mirrors ``torch.ao.quantization``'s prepare -> calibrate -> convert::
 
@@ -6,48 +6,46 @@ The flow mirrors ``torch.ao.quantization``'s prepare -> calibrate -> convert::
     tl.calibrate(model, batches)      # or run your own forward passes
     report = tl.recover_(model)       # solve every layer, all or nothing (recover.py)
 
-Layers are found on a snapshot of ``named_modules()`` taken before anything is swapped, and
-replaced in their parent with ``setattr`` (as torchao's ``quantize_`` does). What ``convert``
-decides for later (layers left dense, global-allocation settings, the activation detector) is
-kept per model in weak registries here, never on the model itself.
+:func:`convert` works in two steps. First it decides, on a snapshot of ``named_modules()``,
+which layers become low-rank and at what rank, and which stay dense and why; anything that can
+fail (a bad specification, an ``include`` callable that raises) fails here, before the model is
+touched. Then it swaps: each chosen layer is replaced in its parent with ``setattr`` at every
+name it has (as torchao's ``quantize_`` does). What the conversion decided for the whole model
+lives in one frozen :class:`~torch_lowrank.settings.Settings` that every new module carries.
+:func:`revert` undoes a conversion whose modules are still calibrating.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import logging
 import warnings
-import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
 
-from .base import _LowRankBase, target_rank
+from .base import LowRankModule
 from .conv import LowRankConv1d, LowRankConv2d
 from .detect import FirstForwardDetector
-from .families import DEFAULT_EXCLUDE, adapt, forward_kwargs, tied_weights
+from .families import DEFAULT_EXCLUDE, adapt, tied_weights
 from .linear import LowRankLinear
+from .observer import BatchGate
+from .ranks import target_rank
 from .report import LayerReport
+from .settings import GlobalAllocation, ModelHooks, Settings
+from .swap import module_names, replace_everywhere
 
-__all__ = ["convert", "calibrate", "default_forward", "progress_bar"]
+__all__ = ["REPLACEMENTS", "convert", "dense_row", "low_rank_modules", "revert"]
 
 logger = logging.getLogger(__name__)
 
 Filter = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
 
-# Which low-rank module replaces which dense layer type.
-_REPLACEMENTS = ((nn.Linear, LowRankLinear), (nn.Conv2d, LowRankConv2d), (nn.Conv1d, LowRankConv1d))
-
-# Layers convert() left dense, per model, so that recover_() can list them with the reason.
-_SKIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Global allocation settings per model, applied at recovery.
-_ALLOCATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# The activation detector waiting for a model's first forward.
-_DETECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Which low-rank module replaces which dense layer type.
+REPLACEMENTS = ((nn.Linear, LowRankLinear), (nn.Conv2d, LowRankConv2d), (nn.Conv1d, LowRankConv1d))
 
 
 def _patterns(spec: Filter) -> list[str]:
@@ -62,25 +60,42 @@ def _matches(spec: Filter, name: str, module: nn.Module) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in _patterns(spec))
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
+def dense_row(name: str, module: nn.Module, note: str) -> LayerReport:
+    """The report row of a layer left dense, with the reason.
 
-
-def _dense_row(name: str, module: nn.Module, note: str) -> LayerReport:
+    Example:
+        >>> dense_row("fc", nn.Linear(4, 2), "excluded").params_after
+        10
+    """
     params = sum(p.numel() for p in module.parameters())
     return LayerReport(
         name, tuple(adapt(module).weight.shape), None, params, params, 0.0, "dense", 0.0, note
     )
 
 
-def _low_rank_modules(model: nn.Module) -> dict[nn.Module, list[str]]:
-    """Every low-rank module of ``model`` with all the names it is reachable under."""
-    found: dict[nn.Module, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, _LowRankBase):
-            found.setdefault(module, []).append(name)
-    return found
+def low_rank_modules(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Every low-rank module of ``model`` with all the names it is reachable under.
+
+    Example:
+        >>> model = nn.Sequential(LowRankLinear(8, 8, rank=2), nn.ReLU())
+        >>> list(low_rank_modules(model).values())
+        [['0']]
+    """
+    return {m: names for m, names in module_names(model).items() if isinstance(m, LowRankModule)}
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """One layer convert() will swap: the layer, its standard form, its low-rank class and
+    how it is built."""
+
+    module: nn.Module
+    name: str
+    standard: nn.Module
+    kind: type
+    rank: int | None
+    activation: Any
+    allocated: bool
 
 
 def convert(
@@ -165,177 +180,148 @@ def convert(
         >>> type(model[0]).__name__, type(model[2]).__name__
         ('LowRankLinear', 'Linear')
     """
-    # Validate the specification once, on a shape every value fits.
-    target_rank((1 << 20, 1 << 20), rank, ratio, energy, "convert")
+    allocation_spec = None
     if allocation not in ("uniform", "global"):
         raise ValueError(
             f"convert: allocation must be 'uniform' or 'global'\nbut got {allocation!r}"
         )
-    if allocation == "global" and ratio is None:
-        raise ValueError("convert: allocation='global' needs ratio= (the global budget)")
     if budget not in ("params", "flops"):
         raise ValueError(f"convert: budget must be 'params' or 'flops'\nbut got {budget!r}")
-    global_ratio, ratio, rank = (ratio, None, 1) if allocation == "global" else (None, ratio, rank)
+    if allocation == "global":
+        if ratio is None:
+            raise ValueError("convert: allocation='global' needs ratio= (the global budget)")
+        allocation_spec = GlobalAllocation(ratio, budget, round_to, min_rank, max_rank)
+        ratio, rank = None, 1
+    else:  # validate the specification once, on a shape every value fits
+        target_rank((1 << 20, 1 << 20), rank, ratio, energy, "convert")
+    for pattern, fixed in (overrides or {}).items():
+        target_rank((1 << 20, 1 << 20), fixed, None, None, f"convert: overrides[{pattern!r}]")
+    choices, skipped = _choose(
+        model, rank, ratio, energy, include, exclude, overrides or {}, activation, allocation_spec
+    )
+    # Nothing has changed so far; from here on, only new modules and assignments.
+    hooks = ModelHooks()
+    settings = Settings(fold_batchnorm, allocation_spec, tuple(skipped), hooks)
+    pending: dict[nn.Module, str] = {}
+    root = model
+    if not isinstance(model, LowRankModule) and choices:
+        hooks.gate = BatchGate(model)
+    names = module_names(model)
+    for choice in choices:
+        new = choice.kind.from_dense(
+            choice.standard,
+            rank=None if choice.allocated else choice.rank,
+            energy=energy,
+            add_bias=add_bias,
+            name=choice.name,
+            samples=samples,
+            activation=choice.activation,
+            offload=offload,
+            settings=settings,
+            gate=hooks.gate,
+            original=choice.module,
+            allocated=choice.allocated,
+        )
+        replaced = replace_everywhere(model, names[choice.module], new)
+        root = root if replaced is model else replaced
+        if new.activation_source == "auto":
+            pending[new] = choice.name
+    if pending and not isinstance(root, LowRankModule):
+        hooks.detector = FirstForwardDetector(root, pending, fold=fold_batchnorm)
+    for row in skipped:
+        logger.info("convert: %s stays dense (%s)", row.name, row.note)
+    return root
 
+
+def _choose(
+    model: nn.Module,
+    rank: int | None,
+    ratio: float | None,
+    energy: float | None,
+    include: Filter,
+    exclude: Filter,
+    overrides: dict[str, int],
+    activation: Any,
+    allocation: GlobalAllocation | None,
+) -> tuple[list[_Choice], list[LayerReport]]:
+    """Decide which layers to convert and at what rank, without changing anything."""
     inside: list[str] = []  # prefixes of existing low-rank modules: never convert their children
-    swapped: dict[nn.Module, nn.Module] = {}
+    chosen: dict[nn.Module, _Choice] = {}
     skipped: list[LayerReport] = []
     used_patterns: set[str] = set()
-    root = model
     tied = tied_weights(model)
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if any(name.startswith(prefix) for prefix in inside):
             continue
-        if isinstance(module, _LowRankBase):
+        if isinstance(module, LowRankModule):
             inside.append(f"{name}." if name else "")
             continue
-        if module in swapped:  # the same layer under a second name
-            _replace(model, name, swapped[module])
+        if module in chosen:  # the same layer under a second name: swapped with the first
             continue
         standard = adapt(module)  # e.g. GPT-2's Conv1D as the nn.Linear it is
-        low_rank = next((lr for dense, lr in _REPLACEMENTS if isinstance(standard, dense)), None)
-        if low_rank is None:
+        kind = next((lr for dense, lr in REPLACEMENTS if isinstance(standard, dense)), None)
+        if kind is None:
             continue
         if include is not None:
-            hits = [p for p in _patterns(include) if fnmatch.fnmatchcase(name, p)]
-            used_patterns.update(hits)
+            used_patterns.update(p for p in _patterns(include) if fnmatch.fnmatchcase(name, p))
             if not _matches(include, name, module):
                 continue
         if _matches(DEFAULT_EXCLUDE if exclude is None else exclude, name, module):
-            skipped.append(_dense_row(name, module, "excluded"))
+            skipped.append(dense_row(name, module, "excluded"))
             continue
         if module in tied:
-            skipped.append(_dense_row(name, module, f"weight tied to {tied[module]}"))
+            skipped.append(dense_row(name, module, f"weight tied to {tied[module]}"))
             continue
         if getattr(module, "groups", 1) > 1 and module.in_channels == module.groups:
-            skipped.append(_dense_row(name, module, "depthwise conv stays dense"))
+            skipped.append(dense_row(name, module, "depthwise conv stays dense"))
             continue
-        m, n = low_rank.matrix_shape_of(standard)
-        fixed = next(
-            (r for p, r in (overrides or {}).items() if fnmatch.fnmatchcase(name, p)), None
-        )
+        m, n = kind.matrix_shape_of(standard)
+        fixed = next((r for p, r in overrides.items() if fnmatch.fnmatchcase(name, p)), None)
         try:
             if fixed is not None:
-                r = target_rank((m, n), fixed, None, None, name)
+                r = target_rank((m, n), fixed, None, None, name, kind.describe(standard))
             else:
                 spec_rank = rank if rank is None else min(rank, m, n)
-                r = target_rank((m, n), spec_rank, ratio, energy, name)
+                r = target_rank((m, n), spec_rank, ratio, energy, name, kind.describe(standard))
         except ValueError as err:
-            skipped.append(_dense_row(name, module, str(err).splitlines()[0].split(": ", 1)[-1]))
+            skipped.append(dense_row(name, module, str(err).splitlines()[0].split(": ", 1)[-1]))
             continue
         smallest = 1 if r is None else r
         if smallest * (m + n) >= m * n:
-            skipped.append(_dense_row(name, module, f"rank {smallest} saves no parameters"))
+            skipped.append(dense_row(name, module, f"rank {smallest} saves no parameters"))
             continue
+        allocated = allocation is not None and fixed is None  # rank chosen at recovery
         spec = activation.get(name, "auto") if isinstance(activation, Mapping) else activation
-        new = low_rank.from_dense(
-            standard,
-            rank=r,
-            energy=energy,
-            add_bias=add_bias,
-            name=name,
-            samples=samples,
-            activation=spec,
-        )
-        if global_ratio is not None and fixed is None:
-            new.target_rank = None  # chosen at recovery by global allocation
-        if offload is not None:
-            new.offload = torch.device(offload)
-            new.home = standard.weight.device
-            standard.to(new.offload)
-        swapped[module] = new
-        if name:
-            _replace(model, name, new)
-        else:
-            root = new
+        chosen[module] = _Choice(module, name, standard, kind, r, spec, allocated)
     for pattern in _patterns(include):
         if pattern not in used_patterns:
-            warnings.warn(f"convert: include pattern {pattern!r} matched no module", stacklevel=2)
-    for row in skipped:
-        logger.info("convert: %s stays dense (%s)", row.name, row.note)
-    _SKIPPED[root] = skipped
-    if global_ratio is not None:
-        _ALLOCATIONS[root] = {
-            "ratio": global_ratio,
-            "budget": budget,
-            "round_to": round_to,
-            "min_rank": min_rank,
-            "max_rank": max_rank,
-        }
-    pending = {m: names[0] for m, names in _low_rank_modules(root).items() if _pending(m)}
-    if pending and not isinstance(root, _LowRankBase):
-        if root in _DETECTORS:
-            _DETECTORS[root].remove()
-        _DETECTORS[root] = FirstForwardDetector(root, pending, fold=fold_batchnorm)
-    return root
+            warnings.warn(f"convert: include pattern {pattern!r} matched no module", stacklevel=3)
+    return list(chosen.values()), skipped
 
 
-def _pending(module: _LowRankBase) -> bool:
-    return module.calibrating and module.activation_source == "auto"
-
-
-def progress_bar(items: Iterable, what: str, enabled: bool) -> Iterable:
-    """``items`` with a tqdm progress bar: shown on an interactive terminal when ``enabled``."""
-    total = len(items) if hasattr(items, "__len__") else None
-    return tqdm(items, desc=what, total=total, disable=None if enabled else True, leave=False)
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for tensor in model.parameters():
-        return tensor.device
-    return None
-
-
-def _move(value: Any, device: torch.device | None) -> Any:
-    return value.to(device) if isinstance(value, Tensor) and device is not None else value
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Run one calibration batch: a tensor is the input; a mapping is passed as keyword
-    arguments; a tuple or list is ``(inputs, targets, ...)`` and only ``inputs`` is used.
-    Tensors are moved to the model's device. Hugging Face models get ``use_cache=False``."""
-    return _run_batch(model, batch, _model_device(model), forward_kwargs(model))
-
-
-def _run_batch(model: nn.Module, batch: Any, device: torch.device | None, extra: dict) -> Any:
-    """:func:`default_forward` with the model's device and extra keyword arguments looked up
-    already (once per :func:`calibrate`, not once per batch)."""
-    if isinstance(batch, Mapping):
-        return model(**{**extra, **{k: _move(v, device) for k, v in batch.items()}})
-    if isinstance(batch, (tuple, list)):
-        return model(_move(batch[0], device), **extra)
-    return model(_move(batch, device), **extra)
-
-
-def calibrate(
-    model: nn.Module,
-    data: Iterable[Any],
-    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-    progress: bool = True,
-) -> int:
-    """Run calibration batches through ``model`` in eval mode without gradients.
-
-    The calibrating modules' hooks accumulate their statistics; the model's train/eval mode is
-    restored afterwards. Returns the number of batches. ``progress`` shows a tqdm bar on an
-    interactive terminal (``False``: never).
+@torch.no_grad()
+def revert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert` for every low-rank module of ``model`` that is still calibrating:
+    put the original dense layer back at every name (on its own device again when offloaded)
+    and remove the conversion's hooks. Returns the model (the dense layer when ``model`` itself
+    was one converted layer).
 
     Example:
-        >>> model = convert(nn.Sequential(nn.Linear(32, 32)), rank=4)
-        >>> calibrate(model, [torch.randn(16, 32) for _ in range(3)])
-        3
+        >>> model = convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), rank=2)
+        >>> type(revert(model)[0]).__name__
+        'Linear'
     """
-    if forward_fn is None:  # default_forward, with its per-model lookups done once
-        forward_fn = functools.partial(
-            _run_batch, device=_model_device(model), extra=forward_kwargs(model)
-        )
-    was_training = model.training
-    model.eval()
-    count = 0
-    try:
-        with torch.no_grad():
-            for batch in progress_bar(data, "calibrating", progress):
-                forward_fn(model, batch)
-                count += 1
-    finally:
-        model.train(was_training)
-    return count
+    root = model
+    for module, names in low_rank_modules(model).items():
+        if not module.calibrating:
+            continue
+        dense = module.original
+        if module.offload is not None:
+            dense.to(module.home)
+        module.carry_hooks_to(dense)
+        module.observer.close()
+        if module.settings is not None:
+            module.settings.hooks.remove()
+        replaced = replace_everywhere(model, names, dense)
+        root = root if replaced is model else replaced
+    return root

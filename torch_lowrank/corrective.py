@@ -5,8 +5,9 @@ target ``W x + b``. Layers are solved wave by wave in the order they execute; fo
 calibration data runs twice through the converted model itself (no copy of the model is made):
 
 * an *original* pass, where every calibrating module runs its dense layer, captures ``x``;
-* a *compressed* pass, where the modules already solved run their staged factors, captures
-  ``x~`` for the same samples.
+* a *compressed* pass, where the modules already solved are stood in for by their staged
+  factors (swapped in at every name for the pass, then put back), captures ``x~`` for the
+  same samples.
 
 The pairs feed :class:`~torch_lowrank.cross.CrossStats` (and, for the activation-aware methods, a
 reservoir of concatenated ``[x~, x]`` rows), and the wave is solved with
@@ -19,7 +20,7 @@ This is not GPTQ-style "sequential" calibration, which feeds ``x~`` but targets 
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -30,10 +31,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .batchnorm import FoldedBatchNorm
 from .blocks import BlockCache, find_chains
 from .cross import CrossStats
+from .options import Options
+from .plans import Plan, plan_layer
 from .reservoir import Reservoir
-from .solve import plan_layer
+from .swap import module_names
 
 __all__ = ["schedule", "corrective_plans"]
 
@@ -88,24 +92,30 @@ def schedule(
 
 @contextmanager
 def _mode(
-    solved: list[nn.Module],
+    model: nn.Module,
+    staged: dict[nn.Module, nn.Module],
+    names: dict[nn.Module, list[str]],
     folded: dict[nn.Module, list[tuple[nn.Module, str]]],
     compressed: bool,
 ) -> Iterator[None]:
-    """Run the model as the compressed network (``solved`` modules use their staged factors and
-    the BatchNorms folded into them are bypassed) or, when not ``compressed``, as the original."""
-    bypassed = [place for m in solved for place in folded.get(m, [])] if compressed else []
-    originals = [getattr(parent, attr) for parent, attr in bypassed]
+    """Run the model as the compressed network (every ``staged`` module is stood in for by its
+    factors at every name, and the BatchNorms folded into it are bypassed) or, when not
+    ``compressed``, as the original."""
+    places: list[tuple[nn.Module, str, nn.Module]] = []
+    for module, stand_in in staged.items() if compressed else ():
+        for name in names[module]:
+            if name:
+                parent_name, _, attr = name.rpartition(".")
+                places.append((model.get_submodule(parent_name), attr, stand_in))
+        for parent, attr in folded.get(module, []):
+            places.append((parent, attr, FoldedBatchNorm.like(getattr(parent, attr))))
+    originals = [getattr(parent, attr) for parent, attr, _ in places]
     try:
-        for module in solved if compressed else []:
-            module.run_staged = True
-        for parent, attr in bypassed:
-            setattr(parent, attr, nn.Identity())
+        for parent, attr, stand_in in places:
+            setattr(parent, attr, stand_in)
         yield
     finally:
-        for module in solved:
-            module.run_staged = False
-        for (parent, attr), original in zip(bypassed, originals):
+        for (parent, attr, _), original in zip(places, originals):
             setattr(parent, attr, original)
 
 
@@ -140,7 +150,7 @@ def _accumulate_wave(
                     for _ in range(groups)
                 ]
             for x, x_tilde in zip(inputs[False][module], inputs[True][module]):
-                for rows, rows_tilde in zip(module._row_chunks(x), module._row_chunks(x_tilde)):
+                for rows, rows_tilde in zip(module.input_rows(x), module.input_rows(x_tilde)):
                     for j, (cross, reservoir) in enumerate(paired[module]):
                         part = slice(j * n, (j + 1) * n) if groups > 1 else slice(None)
                         cross.update(rows_tilde[:, part], rows[:, part])
@@ -151,7 +161,7 @@ def _accumulate_wave(
 
 def device_of(module: nn.Module) -> torch.device:
     """The device of a calibrating module's dense weight."""
-    return module._matrices()[0][0].device
+    return module.matrices()[0][0].device
 
 
 def solve_cost(module: nn.Module, method: str, fold: bool) -> float:
@@ -182,36 +192,16 @@ def _reduced(
 
 def held_bytes(module: nn.Module) -> int:
     """Memory held by a calibrating module's first-pass statistics and reservoirs, in bytes."""
-    parts = (module.stats or []) + (module.reservoirs or [])
-    return sum(part.nbytes for part in parts)
-
-
-def _plan(
-    module: nn.Module,
-    *,
-    paired: dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]],
-    method: str,
-    fold: dict[nn.Module, list[tuple[nn.Module, str]]],
-    options: dict,
-) -> tuple:
-    """One layer's corrective plan (see :func:`~torch_lowrank.solve.plan_layer`)."""
-    if module not in paired:
-        return ("dense", "saw no calibration data")
-    return plan_layer(module, method, bool(fold[module]), options, paired[module])
+    return module.observer.observation().nbytes
 
 
 def _whole_model(
-    model: nn.Module,
-    batch: Any,
-    forward_fn: Callable,
-    solved: list[nn.Module],
-    folded: dict[nn.Module, list[tuple[nn.Module, str]]],
-    counts: dict[str, int],
+    model: nn.Module, batch: Any, forward_fn: Callable, mode: Callable, counts: dict[str, int]
 ) -> Callable[[bool], None]:
     """A run (see :func:`_accumulate_wave`) of one batch through the whole model."""
 
     def run(compressed: bool) -> None:
-        with _mode(solved, folded, compressed):
+        with mode(compressed):
             forward_fn(model, batch)
         counts["forward"] += 1
 
@@ -225,48 +215,55 @@ def corrective_plans(
     method: str,
     forward_fn: Callable,
     fold: dict[nn.Module, list[tuple[nn.Module, str]]],
-    options: dict,
+    options: Options,
+    ranks: dict[nn.Module, int | None] | None = None,
     progress: bool = True,
     cache_blocks: bool = True,
-) -> tuple[dict[nn.Module, tuple], dict]:
+) -> tuple[dict[nn.Module, Plan], dict]:
     """Solve ``modules`` correctively, wave by wave; returns the plans for
-    :func:`~torch_lowrank.convert.recover_` to install, and run information (waves, forward
-    passes, block passes, seconds). ``fold`` maps a module to the places of the BatchNorm to
-    fold into it (empty: no folding). With ``cache_blocks``, a wave inside a chain of blocks
-    (:mod:`torch_lowrank.blocks`) runs only its block on cached inputs; other waves run the
-    whole model. Nothing is installed here; staged factors are cleared on the way out."""
+    :func:`~torch_lowrank.recover_` to install, and run information (waves, forward passes,
+    block passes, seconds). ``fold`` maps a module to the places of the BatchNorm to fold into
+    it (empty: no folding); ``ranks`` overrides modules' ranks (global allocation). With
+    ``cache_blocks``, a wave inside a chain of blocks (:mod:`torch_lowrank.blocks`) runs only
+    its block on cached inputs; other waves run the whole model. Nothing is installed here,
+    and the model is the original again on the way out."""
     if iter(data) is data:
         raise TypeError(
-            "recover_: corrective recovery iterates the calibration data several times\n"
+            "recover_: data: corrective recovery iterates the calibration data several times\n"
             "but got a one-shot iterator; pass a list or a DataLoader"
         )
     start = time.perf_counter()
     first = next(iter(data), None)
     if first is None:
-        raise ValueError("recover_: the calibration data is empty")
-    plans: dict[nn.Module, tuple] = {}
-    solved: list[nn.Module] = []
+        raise ValueError("recover_: data is empty; pass at least one calibration batch")
+    ranks = ranks or {}
+    plans: dict[nn.Module, Plan] = {}
+    staged: dict[nn.Module, nn.Module] = {}
+    names = module_names(model)
+
+    def mode(compressed: bool) -> contextlib.AbstractContextManager:
+        return _mode(model, staged, names, fold, compressed)
+
     counts = {"forward": 1}  # the schedule's pass
     held = sum(held_bytes(m) for m in modules)  # first-pass statistics, if any were kept
     peak = held
-    paused = [(m, m.accumulating) for m in modules]
-    for module, _ in paused:
-        module.accumulating = False
-    try:
+    with contextlib.ExitStack() as quiet:
+        for module in modules:  # the passes below must not add to the first-pass statistics
+            quiet.enter_context(module.observer.disabled())
         waves = schedule(model, modules, first, forward_fn)
         where, chain_passes = ({}, 0)
         if cache_blocks:
             where, chain_passes = find_chains(model, modules, first, forward_fn)
         counts["forward"] += chain_passes
         store = next((m.offload for m in modules if m.offload is not None), None)
-        cache = BlockCache(model, data, forward_fn, lambda c: _mode(solved, fold, c), store)
+        cache = BlockCache(model, data, forward_fn, mode, store)
         for wave in tqdm(waves, desc="corrective waves", disable=None if progress else True):
             places = [where.get(m) for m in wave]
             if all(p is not None and p[0] is places[0][0] and p[1] == places[0][1] for p in places):
                 cache.seek(*places[0])
                 runs = cache.runs()
             else:
-                runs = (_whole_model(model, b, forward_fn, solved, fold, counts) for b in data)
+                runs = (_whole_model(model, b, forward_fn, mode, counts) for b in data)
             needs_rows = method in ("relu", "nuclear")
             paired = _accumulate_wave(wave, runs, needs_rows)
             wave_bytes = sum(
@@ -278,9 +275,14 @@ def corrective_plans(
             if distributed.active():  # every rank saw a shard: sum the pairs of all ranks
                 paired = {m: _reduced(m, paired.get(m), needs_rows) for m in wave}
 
-            solve = functools.partial(
-                _plan, paired=paired, method=method, fold=fold, options=options
-            )
+            def solve(module: nn.Module, paired=paired) -> Plan:
+                if module not in paired:
+                    return Plan.dense("saw no calibration data", saw_no_data=True)
+                return plan_layer(
+                    module, method, options, fold=bool(fold[module]), rank=ranks.get(module),
+                    paired=paired[module],
+                )  # fmt: skip
+
             if distributed.active():
                 costs = [solve_cost(m, method, bool(fold[m])) for m in wave]
                 wave_plans = distributed.solve_shared(wave, solve, costs, device_of)
@@ -288,13 +290,8 @@ def corrective_plans(
                 wave_plans = {module: solve(module) for module in wave}
             for module, plan in wave_plans.items():
                 plans[module] = plan
-                if plan[0] == "factors":
-                    module.staged = plan[2]
-                    solved.append(module)
-    finally:
-        for module, state in paused:
-            module.accumulating = state
-            module.staged, module.run_staged = None, False
+                if plan.layers is not None:
+                    staged[module] = nn.Sequential(*plan.layers)
     info = {
         "mode": "corrective",
         "waves": len(waves),

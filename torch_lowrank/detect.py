@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .activations import ACTIVATIONS, Activation, leaky, module_activation
+from .batchnorm import BATCHNORMS
 
 __all__ = ["FirstForwardDetector", "static_activations"]
 
@@ -223,7 +224,9 @@ def static_activations(
     return found
 
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _exit(recorder: ConsumerRecorder) -> None:
+    recorder.__exit__(None, None, None)
+    _ACTIVE.remove(recorder)
 
 
 class FirstForwardDetector:
@@ -246,7 +249,7 @@ class FirstForwardDetector:
         self._batchnorms = {
             id(m.running_mean): m
             for m in model.modules()
-            if isinstance(m, _BATCHNORMS) and m.running_mean is not None
+            if isinstance(m, BATCHNORMS) and m.running_mean is not None
         }
         self._recorder: ConsumerRecorder | None = None
         self._handles = [
@@ -273,8 +276,9 @@ class FirstForwardDetector:
         recorder, self._recorder = self._recorder, None
         if recorder is None:
             return
-        recorder.__exit__(None, None, None)
-        _ACTIVE.remove(recorder)
+        _exit(recorder)
+        if output is None:  # the forward raised: observe the next one instead
+            return
         self.remove()
         observed = recorder.result()
         for layer, name in self.layers.items():
@@ -283,9 +287,14 @@ class FirstForwardDetector:
             found = observed[name]
             if found.batchnorm is not None and not self.fold:
                 found = Observed(None)
-            layer.activation = found.activation
-            layer.folded_batchnorm = () if found.batchnorm is None else (found.batchnorm,)
-            layer.activation_source = "observed"
+            layer.set_activation_(found.activation, found.batchnorm, "observed")
+
+    def abort(self) -> None:
+        """End an observation that a forward left open (PyTorch runs no hook after Ctrl-C):
+        its mode leaves the stack, and the next forward is observed instead."""
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            _exit(recorder)
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .plans import Plan
 from .solvers import Factors
 
 __all__ = ["active", "owners", "solve_shared"]
@@ -65,34 +66,34 @@ def owners(costs: Sequence[float]) -> list[int]:
     return owner
 
 
-def _metadata(plan: tuple) -> tuple:
+def _metadata(plan: Plan) -> dict:
     """A plan without its tensors: what travels as a Python object."""
-    if plan[0] == "dense":
-        return plan
-    _, factors, _, seconds, folded = plan
+    if plan.factors is None:
+        return {"dense": plan}
     groups = [
         (f.rank, f.bias is not None, f.error, f.variance, f.info, f.spectrum.shape[0])
-        for f in factors
+        for f in plan.factors
     ]
-    return ("factors", groups, seconds, folded, factors[0].up.shape[0], factors[0].down.shape[1])
+    shape = (plan.factors[0].up.shape[0], plan.factors[0].down.shape[1])
+    return {"groups": groups, "seconds": plan.seconds, "folded": plan.folded, "shape": shape}
 
 
 def solve_shared(
     modules: Sequence[Any],
-    solve: Callable[[Any], tuple],
+    solve: Callable[[Any], Plan],
     costs: Sequence[float],
     device_of: Callable[[Any], torch.device],
-) -> dict[Any, tuple]:
+) -> dict[Any, Plan]:
     """Solve ``modules`` split across the ranks and share the plans with every rank.
 
-    ``solve(module)`` returns a plan (``("dense", reason)`` or ``("factors", factors, layers,
-    seconds, folded)``); a plan received from another rank gets its layers from
-    ``module._factor_layers``. If any rank fails, every rank raises.
+    ``solve(module)`` returns a :class:`~torch_lowrank.plans.Plan`; a plan received from
+    another rank gets its layers from ``module.factor_layers``. If any rank fails, every rank
+    raises.
 
     Collective: every rank passes the same modules in the same order."""
     owner = owners(costs)
     rank = dist.get_rank()
-    plans: dict[Any, tuple] = {}
+    plans: dict[Any, Plan] = {}
     failure: str | None = None
     error: BaseException | None = None
     try:
@@ -102,7 +103,7 @@ def solve_shared(
     except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
         failure, error = f"{type(err).__name__}: {err}", err
     for plan in plans.values():
-        for f in plan[1] if plan[0] == "factors" else []:
+        for f in plan.factors or []:
             f.info["solved_on_rank"] = rank
     failures: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(failures, failure)
@@ -117,15 +118,15 @@ def solve_shared(
     )
     for index, (module, who) in enumerate(zip(modules, owner)):
         meta = metadata[who][index]
-        if meta[0] == "dense":
-            plans[module] = meta
+        if "dense" in meta:
+            plans[module] = meta["dense"]
             continue
-        _, groups, seconds, folded, m, n = meta
+        m, n = meta["shape"]
         device = device_of(module)
         factors = []
-        for j, (r, has_bias, err, variance, info, length) in enumerate(groups):
+        for j, (r, has_bias, err, variance, info, length) in enumerate(meta["groups"]):
             if who == rank:
-                f = plans[module][1][j]
+                f = plans[module].factors[j]
                 tensors = [f.up, f.down, f.spectrum] + ([f.bias] if has_bias else [])
                 tensors = [t.to(torch.float64).contiguous() for t in tensors]
             else:
@@ -137,5 +138,6 @@ def solve_shared(
             bias = tensors[3] if has_bias else None
             factors.append(Factors(up, down, bias, err, variance, spectrum, info))
         if who != rank:
-            plans[module] = ("factors", factors, module._factor_layers(factors), seconds, folded)
+            layers = module.factor_layers(factors)
+            plans[module] = Plan(factors, layers, meta["seconds"], meta["folded"])
     return plans

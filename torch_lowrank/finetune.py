@@ -14,30 +14,18 @@ from typing import Any, Callable, Union
 
 import torch
 import torch.nn.functional as F
-import torch_optimizer
 from torch import Tensor, nn
 
-from .base import _LowRankBase
-from .convert import _low_rank_modules, _replace, default_forward, progress_bar
+from .base import LowRankModule
+from .batches import default_forward, progress_bar
+from .convert import low_rank_modules
+from .options import optimizer_class
+from .swap import replace_everywhere
 
 __all__ = ["finetune_", "merge_"]
 
 Loss = Union[str, Callable[[Any, Any], Tensor], None]
 OptimizerSpec = Union[str, Callable[..., torch.optim.Optimizer]]
-
-
-def _optimizer_classes() -> dict[str, type]:
-    """Optimizer classes by lower-case name: ``torch.optim`` first, then ``torch_optimizer``."""
-    found: dict[str, type] = {}
-    for namespace in (torch_optimizer, torch.optim):  # torch.optim wins on shared names
-        for name, value in vars(namespace).items():
-            if (
-                isinstance(value, type)
-                and issubclass(value, torch.optim.Optimizer)
-                and value is not torch.optim.Optimizer
-            ):
-                found[name.lower()] = value
-    return found
 
 
 def _optimizer_factory(optimizer: OptimizerSpec) -> Callable[..., torch.optim.Optimizer]:
@@ -47,13 +35,10 @@ def _optimizer_factory(optimizer: OptimizerSpec) -> Callable[..., torch.optim.Op
                 f"finetune_: optimizer must be a name or an optimizer class\nbut got {optimizer!r}"
             )
         return optimizer
-    classes = _optimizer_classes()
-    if optimizer.lower() not in classes:
-        raise ValueError(
-            "finetune_: unknown optimizer name; expected one of torch.optim or torch_optimizer:\n"
-            f"{', '.join(sorted(classes))}\nbut got {optimizer!r}"
-        )
-    return classes[optimizer.lower()]
+    try:
+        return optimizer_class(optimizer)
+    except ValueError as err:
+        raise ValueError(f"finetune_: {err}") from None
 
 
 def _logits(output: Any) -> Tensor:
@@ -190,7 +175,7 @@ def finetune_(
     objective = _objective(teacher, loss)
     make_optimizer = _optimizer_factory(optimizer)
     forward_fn = forward_fn or default_forward
-    found = _low_rank_modules(model)
+    found = low_rank_modules(model)
     calibrating = [names[0] for module, names in found.items() if module.calibrating]
     if calibrating:
         raise ValueError(
@@ -293,20 +278,23 @@ def merge_(model: nn.Module) -> nn.Module:
         >>> type(model[0]).__name__, torch.allclose(model(x), expected, atol=1e-6)
         ('Linear', True)
     """
+    found = low_rank_modules(model)
+    calibrating = [names[0] or "model" for module, names in found.items() if module.calibrating]
+    if calibrating:
+        raise RuntimeError(
+            "merge_: recover every low-rank module first; still calibrating:\n"
+            f"{', '.join(calibrating)}"
+        )
     root = model
-    for module, names in _low_rank_modules(model).items():
-        if module.calibrating:
-            continue
+    for module, names in found.items():
         dense = _dense_of(module)
-        for name in names:
-            if name:
-                _replace(model, name, dense)
-            else:
-                root = dense
+        module.carry_hooks_to(dense)
+        replaced = replace_everywhere(model, names, dense)
+        root = root if replaced is model else replaced
     return root
 
 
-def _dense_of(module: _LowRankBase) -> nn.Module:
+def _dense_of(module: LowRankModule) -> nn.Module:
     dense = module.to_dense()
     dense.weight.requires_grad_(module.up.weight.requires_grad or module.down.weight.requires_grad)
     if module.up.bias is not None:

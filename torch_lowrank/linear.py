@@ -16,12 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from . import solvers
-from .base import _LowRankBase, new_parameter, target_rank
+from .base import LowRankModule, new_parameter
+from .ranks import target_rank
 
 __all__ = ["LowRankLinear"]
 
 
-class LowRankLinear(_LowRankBase):
+class LowRankLinear(LowRankModule):
     r"""A low-rank drop-in replacement for :class:`torch.nn.Linear`: ``y = up(down(x))``.
 
     Build it from a trained layer with :meth:`from_linear` (calibrating phase), run calibration
@@ -143,19 +144,22 @@ class LowRankLinear(_LowRankBase):
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
-    def _row_chunks(self, x: Tensor) -> Iterable[Tensor]:
-        if x.shape[-1] != self.in_features:
+    def check_input(self, x: Tensor) -> None:
+        if x.shape[-1:] != (self.in_features,):
             raise ValueError(
                 f"{self.layer_name}: expected input with last dimension {self.in_features}\n"
                 f"but got shape {tuple(x.shape)}"
             )
+
+    def input_rows(self, x: Tensor) -> Iterable[Tensor]:
+        self.check_input(x)
         return (x.reshape(-1, self.in_features),)  # (N, in): every token is a sample
 
-    def _matrices(self) -> list[tuple[Tensor, Tensor | None]]:
+    def matrices(self) -> list[tuple[Tensor, Tensor | None]]:
         return [(self.dense.weight, self.dense.bias)]
 
     @torch.no_grad()
-    def _factor_layers(self, factors: list[solvers.Factors]) -> tuple[nn.Module, nn.Module]:
+    def factor_layers(self, factors: list[solvers.Factors]) -> tuple[nn.Module, nn.Module]:
         (f,) = factors
         like = self.dense.weight
         down = nn.Linear(self.in_features, f.rank, bias=False, device="meta")

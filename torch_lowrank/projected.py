@@ -114,6 +114,7 @@ class Problem:
         self.variance = float(t.var(0, correction=0).sum())
         self.t, self.y, self.positive = (None, y, t > 0) if self.convex else (t, None, None)
         self._L: float | None = None
+        self.free_bias = True  # set by start()
 
     @property
     def lipschitz(self) -> float:
@@ -128,6 +129,8 @@ class Problem:
         _check_shape("start.down", factors.down, (r, n), f"(r, {n})")
         _check_shape("start.bias", factors.bias, (m,), f"({m},)")
         up, down = (t.detach().to(self.X) for t in (factors.up, factors.down))
+        # A start without bias (a bias-free layer solved without intercept) stays without one.
+        self.free_bias = factors.bias is not None
         c = torch.zeros(m).to(self.X) if factors.bias is None else factors.bias.detach().to(up)
         if r and float((up.T @ up - torch.eye(r).to(up)).abs().max()) > 1e-10:
             Q, R = torch.linalg.qr(up)  # the same product, with orthonormal columns
@@ -145,7 +148,7 @@ class Problem:
         if not dead.any():
             return up, down, c
         Q, R = torch.linalg.qr(up * ~dead[:, None])  # Z' = (M up) down = Q (R down)
-        return Q, R @ down, torch.where(dead, self.y.mean(0), c)
+        return Q, R @ down, torch.where(dead, self.y.mean(0), c) if self.free_bias else c
 
     def _residual(self, a: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
         """The residual ``R`` with ``f = ||R||^2 / N``, and ``df/da`` when ``grad``."""
@@ -168,7 +171,8 @@ class Problem:
     def value_and_grad(self, up, down, c) -> tuple[float, Tensor, Tensor]:
         """``f`` at ``(Z = up down, c)`` with its gradients ``(m, n)`` and ``(m,)``."""
         R, da = self._residual((self.X @ down.T) @ up.T + c, grad=True)  # (N, m)
-        return float(R.square().sum()) / self.N, da.T @ self.X, da.sum(0)
+        gc = da.sum(0) if self.free_bias else torch.zeros_like(c)
+        return float(R.square().sum()) / self.N, da.T @ self.X, gc
 
 
 def _project(Z: Tensor, U: Tensor, step: float | None = None) -> tuple[Tensor, Tensor]:
@@ -249,7 +253,8 @@ def result(problem, start, best, before, iterations, info) -> Factors:
         "objective_after": value,
         **info,
     }
-    return Factors(up, down, c, data, problem.variance, start.spectrum, info)
+    bias = c if problem.free_bias else None
+    return Factors(up, down, bias, data, problem.variance, start.spectrum, info)
 
 
 def objective(

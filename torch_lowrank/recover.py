@@ -1,20 +1,21 @@
-"""Model-level recovery: solve every calibrating layer of a model, all or nothing.
+"""Model-level recovery, all or nothing (:func:`recover_`), and the one-call :func:`compress`.
 
-``recover_`` solves each layer from its own first-pass statistics (parallel) or, given the
-calibration data, correctively (:mod:`torch_lowrank.corrective`); global rank allocation
-(:mod:`torch_lowrank.allocation`) and the settling of observed activations happen first.
-Every layer is solved before any is written, so a failure leaves the model as it was.
-``compress`` is convert + calibrate + recover in one call.
+:func:`recover_` settles what follows each layer (the activation observed on the first forward,
+or the static answer), finds the BatchNorms to fold, chooses global ranks when asked, and solves
+every layer into a :class:`~torch_lowrank.plans.Plan`, in parallel from each layer's own
+statistics or correctively (:mod:`torch_lowrank.corrective`). Only when every plan is ready are
+they written: factors installed, folded BatchNorms replaced, layers without data put back dense.
+Every pass over data runs in eval mode and gives the caller's modes back.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import itertools
 import logging
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -22,62 +23,53 @@ from torch import nn
 
 from . import distributed
 from .allocation import LayerBudget, allocate
-from .base import METHODS, _LowRankBase
-from .convert import (
-    _ALLOCATIONS,
-    _DETECTORS,
-    _SKIPPED,
-    _dense_row,
-    _low_rank_modules,
-    _pending,
-    _replace,
-    calibrate,
-    convert,
-    default_forward,
-    progress_bar,
-)
+from .base import LowRankModule
+from .batches import calibrate, default_forward, eval_mode, progress_bar, settings_of
+from .batchnorm import FoldedBatchNorm
+from .convert import convert, dense_row, low_rank_modules, revert
 from .corrective import corrective_plans, device_of, held_bytes, solve_cost
 from .detect import static_activations
+from .observer import Observation
+from .options import Options, make_options
+from .plans import Plan, plan_layer
+from .problem import spectrum
 from .report import LayerReport, Report
 from .reservoir import Reservoir
-from .solve import plan_layer, spectrum_of
 from .stats import CovarianceStats
+from .swap import module_names, replace_everywhere
 
 __all__ = ["recover_", "compress"]
 
 logger = logging.getLogger(__name__)
 
+Places = dict[nn.Module, list[tuple[nn.Module, str]]]
+
 
 def _settle_activations(model: nn.Module, found: dict[nn.Module, list[str]]) -> None:
     """Give every layer whose activation was not observed the static answer (Sequential / fx),
     and log where observation and the static answer disagree."""
-    detector = _DETECTORS.pop(model, None)
-    if detector is not None:
-        detector.remove()
     names = {names[0]: module for module, names in found.items()}
-    static = static_activations(model, list(names), leaf=lambda m: isinstance(m, _LowRankBase))
+    static = static_activations(model, list(names), leaf=lambda m: isinstance(m, LowRankModule))
     for name, module in names.items():
+        pending = module.activation_source == "auto"
         if name not in static:
-            if _pending(module):
-                module.activation_source = "none"
+            if pending:
+                module.set_activation_(None, None, "none")
             continue
         guess = static[name]
-        if _pending(module):
-            module.activation, module.activation_source = guess, "static"
+        if pending:
+            module.set_activation_(guess, None, "static")
         elif module.activation_source == "observed" and not module.folded_batchnorm:
             seen = module.activation.name if module.activation else None
             if seen != (guess.name if guess else None):
                 logger.warning(
                     "%s: observed activation %s, static analysis says %s; using %s",
-                    name,
-                    seen,
-                    guess.name if guess else None,
-                    seen,
-                )
+                    name, seen, guess.name if guess else None, seen,
+                )  # fmt: skip
 
 
 def _batchnorm_places(
-    model: nn.Module, module: _LowRankBase, all_names: dict[nn.Module, list[str]]
+    model: nn.Module, module: LowRankModule, all_names: dict[nn.Module, list[str]]
 ) -> list[tuple[nn.Module, str]]:
     """Where the BatchNorm to fold into ``module`` sits in ``model``: ``(parent, attribute)``."""
     if not module.folded_batchnorm or module.folded_batchnorm[0] not in all_names:
@@ -89,87 +81,123 @@ def _batchnorm_places(
     return places
 
 
-def _global_ranks(
-    model: nn.Module,
-    found: dict[nn.Module, list[str]],
-    fold: dict[nn.Module, list[tuple[nn.Module, str]]],
-) -> dict[nn.Module, int | None]:
-    """Ranks for the modules awaiting global allocation (``None``: keep dense)."""
-    spec = _ALLOCATIONS.get(model)
-    pending = [m for m in found if m.target_rank is None and m.energy is None]
-    if spec is None or not pending:
-        return {}
-    layers, modules = [], {}
+def _observations(found: dict[nn.Module, list[str]]) -> dict[nn.Module, Observation]:
+    """Each module's first-pass statistics; with several processes, summed over all of them
+    (collective). The modules' own statistics are not changed."""
+    if not distributed.active():
+        return {m: m.observer.observation() for m in found}
+    summed = {}
     for module in found:
-        if module.samples_seen == 0 or (module not in pending and module.target_rank is None):
-            continue  # no data: goes back to dense; energy-chosen ranks are not allocated
+        seen, device = module.observer.observation(), device_of(module)
         m, n = module.matrix_shape
-        name = found[module][0]
-        if module in pending:
-            spectrum = sum(spectrum_of(module, j, bool(fold[module])) for j in range(module.groups))
-            low, high = spec["min_rank"], spec["max_rank"]
-            modules[name] = module
-        else:  # a fixed rank (overrides) spends its share of the budget first
-            spectrum = torch.zeros(min(m, n), dtype=torch.float64)
-            spectrum[0] = 1.0
-            low = high = module.target_rank
-        positions = max(1, module.samples_seen // max(module.inputs_seen, 1))
-        layers.append(LayerBudget(name, (m, n), spectrum, module.groups, positions, low, high))
-    chosen = allocate(layers, spec["ratio"], spec["budget"], spec["round_to"])
-    return {modules[name]: rank for name, rank in chosen.items() if name in modules}
+        width = m if seen.space == "output" else n
+        inputs = torch.tensor([float(seen.inputs_seen)], device=device)
+        torch.distributed.all_reduce(inputs)
+        stats = seen.stats or [None] * module.groups
+        reservoirs = None
+        if module.samples:
+            own = seen.reservoirs or [None] * module.groups
+            reservoirs = [Reservoir.all_reduce(r, module.samples, n, device) for r in own]
+        summed[module] = Observation(
+            seen.space,
+            [CovarianceStats.all_reduce(s, width, device) for s in stats],
+            reservoirs,
+            int(inputs.item()),
+        )
+    return summed
+
+
+def _global_ranks(
+    found: dict[nn.Module, list[str]], fold: Places, observed: dict[nn.Module, Observation]
+) -> dict[nn.Module, int | None]:
+    """Ranks for the modules awaiting global allocation (``None``: keep dense), one
+    allocation per conversion that asked for it."""
+    chosen: dict[nn.Module, int | None] = {}
+    conversions = [s for s in _distinct(m.settings for m in found) if s.allocation is not None]
+    for settings in conversions:
+        spec = settings.allocation
+        layers, pending = [], {}
+        for module in (m for m in found if m.settings is settings):
+            seen = observed[module]
+            waiting = module.target_rank is None and module.energy is None
+            if seen.samples_seen == 0 or (module.target_rank is None and not waiting):
+                continue  # no data: goes back to dense; energy-chosen ranks are not allocated
+            m, n = module.matrix_shape
+            name = found[module][0]
+            if waiting:
+                problem = module.problem(fold=bool(fold[module]), observation=seen)
+                values = spectrum(problem)
+                low, high = spec.min_rank, spec.max_rank
+                pending[name] = module
+            else:  # a fixed rank (overrides) spends its share of the budget first
+                values = torch.zeros(min(m, n), dtype=torch.float64)
+                values[0] = 1.0
+                low = high = module.target_rank
+            positions = max(1, seen.samples_seen // max(seen.inputs_seen, 1))
+            layers.append(LayerBudget(name, (m, n), values, module.groups, positions, low, high))
+        if pending:
+            ranks = allocate(layers, spec.ratio, spec.budget, spec.round_to)
+            chosen.update({pending[name]: r for name, r in ranks.items() if name in pending})
+    return chosen
+
+
+def _distinct(items: Iterable[Any]) -> list[Any]:
+    """The items that are not ``None``, each object once, in order."""
+    out: list[Any] = []
+    for item in items:
+        if item is not None and all(item is not seen for seen in out):
+            out.append(item)
+    return out
 
 
 def _parallel_plans(
-    found: dict[nn.Module, list[str]],
+    modules: list[nn.Module],
     method: str,
-    fold: dict[nn.Module, list[tuple[nn.Module, str]]],
-    options: dict,
-    progress: bool = True,
-) -> dict[nn.Module, tuple]:
+    fold: Places,
+    options: Options,
+    ranks: dict[nn.Module, int | None],
+    observed: dict[nn.Module, Observation],
+    progress: bool,
+) -> dict[nn.Module, Plan]:
     """Solve every module from its own first-pass statistics (one input per layer); with
-    several ranks, the solves are shared out (:mod:`torch_lowrank.distributed`)."""
-    modules = list(found)
+    several processes, the solves are shared out (:mod:`torch_lowrank.distributed`)."""
+
+    def plan(module: nn.Module) -> Plan:
+        return plan_layer(
+            module, method, options, fold=bool(fold[module]), rank=ranks.get(module),
+            observation=observed[module],
+        )  # fmt: skip
+
     if distributed.active():
         costs = [solve_cost(m, method, bool(fold[m])) for m in modules]
-        solve = functools.partial(_plan_parallel, method=method, fold=fold, options=options)
-        return distributed.solve_shared(modules, solve, costs, device_of)
-    return {
-        m: plan_layer(m, method, bool(fold[m]), options)
-        for m in progress_bar(modules, "recovering", progress)
-    }
+        return distributed.solve_shared(modules, plan, costs, device_of)
+    return {m: plan(m) for m in progress_bar(modules, "recovering", progress)}
 
 
-def _plan_parallel(module: nn.Module, *, method: str, fold: dict, options: dict) -> tuple:
-    return plan_layer(module, method, bool(fold[module]), options)
-
-
-@contextmanager
-def _summed_over_ranks(found: dict[nn.Module, list[str]]) -> Iterator[None]:
-    """With several ranks, give every module the first-pass statistics and reservoirs of all
-    ranks for the duration; the module's own come back if recovery fails (collective)."""
-    if not distributed.active():
-        yield
-        return
-    own = {m: (m.stats, m.reservoirs, m.inputs_seen) for m in found}
-    try:
-        for module in found:
-            n, device = module.matrix_shape[1], device_of(module)
-            width = module.stats_features
-            inputs = torch.tensor([float(module.inputs_seen)], device=device)
-            torch.distributed.all_reduce(inputs)
-            module.inputs_seen = int(inputs.item())
-            stats = module.stats or [None] * module.groups
-            module.stats = [CovarianceStats.all_reduce(s, width, device) for s in stats]
-            if module.samples:
-                reservoirs = module.reservoirs or [None] * module.groups
-                module.reservoirs = [
-                    Reservoir.all_reduce(r, module.samples, n, device) for r in reservoirs
-                ]
-        yield
-    except BaseException:
-        for module, (stats, reservoirs, inputs) in own.items():
-            module.stats, module.reservoirs, module.inputs_seen = stats, reservoirs, inputs
-        raise
+def _write(
+    model: nn.Module, found: dict[nn.Module, list[str]], plans: dict, fold: Places, method: str
+) -> dict[nn.Module, LayerReport]:
+    """Install every plan (attribute assignments only); returns the report rows."""
+    rows: dict[nn.Module, LayerReport] = {}
+    for module, plan in plans.items():
+        if plan.factors is None:
+            dense = module.original
+            if module.offload is not None:
+                dense.to(module.home)  # back from host memory
+            module.carry_hooks_to(dense)
+            module.observer.close()
+            rows[module] = dense_row(found[module][0], dense, plan.dense_reason)
+            if plan.saw_no_data:
+                warnings.warn(
+                    f"recover_: {module.layer_name} {plan.dense_reason}; kept dense", stacklevel=3
+                )
+            replace_everywhere(model, [name for name in found[module] if name], dense)
+            continue
+        rows[module] = module.report_row(plan.factors, method, plan.seconds, plan.folded)
+        for parent, attr in fold[module] if plan.folded else []:
+            setattr(parent, attr, FoldedBatchNorm.like(getattr(parent, attr)))
+        module.install_(plan.factors, plan.layers)
+    return rows
 
 
 def recover_(
@@ -180,43 +208,43 @@ def recover_(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
     cache_blocks: bool = True,
-    **options: Any,
+    options: dict | Options | None = None,
+    **kwargs: Any,
 ) -> Report:
     """Recover every calibrating low-rank module of ``model``, all or nothing.
 
     Every layer is solved first; only when all solves succeed are the factors written. A
     module that saw no calibration data goes back to its original dense layer (with a warning),
-    as does a layer whose energy-chosen rank would save nothing. Layers ``convert`` left dense are
+    as does a layer whose chosen rank would save nothing. Layers ``convert`` left dense are
     listed too. An eval BatchNorm found between a layer and its activation is folded into the
-    layer and replaced by ``nn.Identity``.
+    layer and replaced by a :class:`~torch_lowrank.batchnorm.FoldedBatchNorm`.
 
     Args:
         model: a model prepared by :func:`convert` and run on calibration data.
         method: ``"relu"`` (default: activation-aware for layers followed by an activation,
             ``linear`` for the others), ``"linear"`` (exact optimum of the pre-activations),
-            ``"svd"`` (weights only) or ``"nuclear"``. See the README for when to use which.
+            ``"svd"`` (weights only) or ``"nuclear"``. See ``docs/methods.md``.
         data: calibration batches for *corrective* recovery: every layer is solved, in the
             order layers execute, from the compressed network's own input with the original
-            network's output as target, so it repairs the error of the layers before it. The
-            data is iterated twice per wave of layers (a list or a DataLoader, not a one-shot
-            iterator). Without ``data``: parallel recovery from each layer's first-pass
-            statistics.
+            network's output as target. The data is iterated twice per wave of layers (a list
+            or a DataLoader, not a one-shot iterator). Without ``data``: parallel recovery
+            from each layer's first-pass statistics.
         forward_fn: how to run one batch (see :func:`default_forward`), with ``data``.
-        progress: a tqdm progress bar over layers (parallel) or waves (corrective), shown on an
-            interactive terminal; ``False`` never shows it.
-        cache_blocks: in corrective recovery, cache the inputs of each block of a chain of
-            blocks (an ``nn.Sequential`` or ``nn.ModuleList`` whose children feed each other,
-            such as transformer layers) so that a wave runs only its block, not the whole
-            model; chains are checked on the first batch. ``False``: every wave runs the whole
-            model (same result, more compute).
-        **options: passed to the iterative solvers: ``optimizer`` (a ``torch.optim`` or
-            ``torch_optimizer`` class), ``lr``, ``max_iter``, ``tol``; ``lam`` for nuclear.
+        progress: a tqdm progress bar on an interactive terminal; ``False`` never shows it.
+        cache_blocks: in corrective recovery, run a wave inside a chain of blocks (transformer
+            layers, ``nn.Sequential`` stages) on cached block inputs instead of the whole
+            model (same result, less compute).
+        options / **kwargs: the method's options (:mod:`torch_lowrank.options`), checked
+            before anything runs: ``damping``; ``max_iter``, ``tol``, ``optimizer``, ``lr``
+            (``relu``); ``lam`` (``nuclear``).
 
     Returns:
         a :class:`~torch_lowrank.report.Report` with one row per layer.
 
     Raises:
-        ValueError: unknown method, or a layer's statistics hold NaN/Inf; the model is unchanged.
+        ValueError: unknown method or a bad option value, or a layer's statistics hold
+            NaN/Inf; the model is unchanged.
+        TypeError: an unknown option (the message lists the valid ones).
 
     Example:
         >>> import torch
@@ -226,85 +254,95 @@ def recover_(
         >>> report["0"].rank
         4
     """
-    if method not in METHODS:
-        raise ValueError(
-            f"recover_: method must be one of {', '.join(METHODS)}\nbut got {method!r}"
-        )
-    found = {m: names for m, names in _low_rank_modules(model).items() if m.calibrating}
+    opts = make_options(method, _merged(options, kwargs), where="recover_")
+    found = {m: names for m, names in low_rank_modules(model).items() if m.calibrating}
     if not found:
         warnings.warn(
             "recover_: the model has no calibrating low-rank module; call convert() first",
             stacklevel=2,
         )
+    conversions = settings_of(model)
+    for settings in conversions:
+        settings.hooks.abort()  # what an unfinished forward showed
+        if settings.hooks.detector is not None:
+            settings.hooks.detector.remove()
     _settle_activations(model, found)
-    all_names: dict[nn.Module, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        all_names.setdefault(module, []).append(name)
+    all_names = module_names(model)
     fold = {module: _batchnorm_places(model, module, all_names) for module in found}
 
     # Phase 1: solve everything; nothing in the model changes here.
-    ranks: dict[nn.Module, int | None] = {}
-    try:
-        with _summed_over_ranks(found):
-            ranks = _global_ranks(model, found, fold)
-            kept_dense = {
-                m: ("dense", "global allocation keeps it dense")
-                for m, r in ranks.items()
-                if r is None
-            }
-            solve = {m: names for m, names in found.items() if m not in kept_dense}
-            for module, r in ranks.items():
-                module.target_rank = r
-            if data is not None and method != "svd":
-                plans, info = corrective_plans(
-                    model, list(solve), data, method, forward_fn or default_forward, fold,
-                    options, progress, cache_blocks,
-                )  # fmt: skip
-            else:
-                start = time.perf_counter()
-                plans = _parallel_plans(solve, method, fold, options, progress)
-                info = {"mode": "parallel", "seconds": time.perf_counter() - start}
-                info["peak_stat_bytes"] = sum(held_bytes(m) for m in found)
-    except BaseException:
-        for module in ranks:
-            module.target_rank = None  # back to "chosen at recovery"
-        raise
+    with eval_mode(model):
+        observed = _observations(found)
+        ranks = _global_ranks(found, fold, observed)
+        kept = {
+            m: Plan.dense("global allocation keeps it dense") for m, r in ranks.items() if r is None
+        }
+        solve_now = [m for m in found if m not in kept]
+        start = time.perf_counter()
+        if data is not None and method != "svd":
+            plans, info = corrective_plans(
+                model, solve_now, data, method, forward_fn or default_forward, fold, opts,
+                ranks, progress, cache_blocks,
+            )  # fmt: skip
+        else:
+            plans = _parallel_plans(solve_now, method, fold, opts, ranks, observed, progress)
+            info = {"mode": "parallel", "seconds": time.perf_counter() - start}
+            info["peak_stat_bytes"] = sum(held_bytes(m) for m in found)
     if distributed.active():
         info["world_size"] = torch.distributed.get_world_size()
-        solved_on = [p[1][0].info.get("solved_on_rank") for p in plans.values() if p[0] != "dense"]
+        solved_on = [p.factors[0].info.get("solved_on_rank") for p in plans.values() if p.factors]
         info["solves_per_rank"] = [solved_on.count(r) for r in range(info["world_size"])]
-    plans.update(kept_dense)
-    if ranks:
-        info["allocation"] = dict(_ALLOCATIONS[model])
+    plans.update(kept)
+    specs = [s.allocation.as_dict() for s in conversions if s.allocation is not None]
+    if ranks and specs:
+        info["allocation"] = specs[0]
 
     # Phase 2: write back (attribute assignments only).
-    rows: dict[nn.Module, LayerReport] = {}
-    for module, plan in plans.items():
-        if plan[0] == "dense":
-            dense = module.to_dense()
-            if module.offload is not None and module.home is not None:
-                dense.to(module.home)  # back from host memory
-            rows[module] = _dense_row(found[module][0], dense, plan[1])
-            if plan[1].startswith("saw no"):
-                warnings.warn(f"recover_: {module.layer_name} {plan[1]}; kept dense", stacklevel=2)
-            for name in found[module]:
-                if name:
-                    _replace(model, name, dense)
-            continue
-        _, factors, layers, seconds, folded = plan
-        rows[module] = module._report_row(factors, method, seconds, folded)
-        for parent, attr in fold[module] if folded else []:
-            setattr(parent, attr, nn.Identity())
-        module._install(layers)
-
-    by_name = {row.name: row for row in _SKIPPED.get(model, [])}
+    rows = _write(model, found, plans, fold, method)
+    for settings in conversions:
+        settings.hooks.remove()
+    by_name = {row.name: row for s in conversions for row in s.skipped}
     by_name.update({found[module][0]: row for module, row in rows.items()})
     report = Report(info=info)
     for name, module in model.named_modules():
         row = by_name.get(name)
-        if row is not None and (row.method != "dense" or not isinstance(module, _LowRankBase)):
+        if row is not None and (row.method != "dense" or not isinstance(module, LowRankModule)):
             report.layers.append(row)
     return report
+
+
+def _merged(options: dict | Options | None, kwargs: dict) -> dict | Options | None:
+    """``options`` and keyword options together (an options object takes no keywords)."""
+    if not kwargs:
+        return options
+    if options is not None and not isinstance(options, dict):
+        raise TypeError("recover_: give options as an options object or as keywords, not both")
+    return {**(options or {}), **kwargs}
+
+
+def _checked_data(data: Iterable[Any], corrective: bool) -> Iterable[Any]:
+    """``data``, checked before anything changes: not empty, and reusable when corrective
+    recovery will iterate it several times."""
+    one_shot = iter(data) is data
+    if one_shot and corrective:
+        raise TypeError(
+            "compress: data: corrective recovery iterates the calibration data several times\n"
+            "but got a one-shot iterator; pass a list or a DataLoader (or corrective=False)"
+        )
+    iterator = iter(data)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("compress: data is empty; pass at least one calibration batch")
+    return itertools.chain([first], iterator) if one_shot else data
+
+
+@contextlib.contextmanager
+def _observers_disabled(model: nn.Module) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for module in low_rank_modules(model):
+            if module.calibrating:
+                stack.enter_context(module.observer.disabled())
+        yield
 
 
 def compress(
@@ -314,11 +352,16 @@ def compress(
     method: str = "relu",
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     corrective: bool = True,
-    options: dict | None = None,
+    options: dict | Options | None = None,
     progress: bool = True,
+    cache_blocks: bool = True,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, Report]:
     """Convert, calibrate on ``data`` and recover, in one call (corrective by default).
+
+    Nothing changes until the call can succeed: bad arguments, empty data, a one-shot
+    iterator where the data is needed twice, or any failure on the way (an error in the
+    model's forward, Ctrl-C) leave the model as it was, every layer and buffer included.
 
     Args:
         model: the trained model (changed in place).
@@ -328,11 +371,11 @@ def compress(
             :func:`default_forward`.
         corrective: recover correctively (``recover_(model, data=data)``); ``False``: parallel
             recovery from the first pass, which iterates the data only once.
-        options: solver options passed to :func:`recover_` (``optimizer``, ``lr``, ...).
+        options: the method's options (see :func:`recover_`).
         progress: tqdm progress bars on an interactive terminal (``False``: never).
-        **convert_kwargs: ``rank`` / ``ratio`` / ``energy``, ``include``, ``exclude``,
-            ``add_bias``, ``samples``, ``activation``, ``fold_batchnorm``, passed to
-            :func:`convert`.
+        cache_blocks: see :func:`recover_`.
+        **convert_kwargs: passed to :func:`convert` (``rank`` / ``ratio`` / ``energy``,
+            ``include``, ``exclude``, ``add_bias``, ``samples``, ``activation``, ...).
 
     Returns:
         ``(model, report)``.
@@ -345,27 +388,30 @@ def compress(
         >>> [row.rank for row in report.layers]
         [5, 5]
     """
+    opts = make_options(method, options, where="compress")
+    samples = convert_kwargs.get("samples", 4096)
+    aware = method in ("relu", "nuclear") and convert_kwargs.get("activation", "auto") is not None
+    if aware and samples == 0:
+        raise ValueError(
+            f"compress: samples=0 keeps no sample rows, which method={method!r} needs\n"
+            "for layers followed by an activation; use samples > 0 or method='linear'"
+        )
+    data = _checked_data(data, corrective and method != "svd")
+    parallel_first = convert_kwargs.get("allocation", "uniform") == "global"
     model = convert(model, **convert_kwargs)
-    if corrective and method != "svd" and model not in _ALLOCATIONS:
-        # Corrective recovery collects its own statistics wave by wave; the first pass only
-        # observes the activations, on one batch, and keeps no statistics (bounded memory).
-        modules = [m for m in _low_rank_modules(model) if m.calibrating]
-        for module in modules:
-            module.accumulating = False
-        try:
-            calibrate(model, [next(iter(data))], forward_fn, progress=False)
-        finally:
-            for module in modules:
-                module.accumulating = True
-    else:
-        calibrate(model, data, forward_fn, progress)
-    corrective_data = data if corrective else None
-    report = recover_(
-        model,
-        method=method,
-        data=corrective_data,
-        forward_fn=forward_fn,
-        progress=progress,
-        **(options or {}),
-    )
+    try:
+        if corrective and method != "svd" and not parallel_first:
+            # Corrective recovery collects its own statistics wave by wave; the first pass only
+            # observes the activations, on one batch, and keeps no statistics.
+            with _observers_disabled(model):
+                calibrate(model, [next(iter(data))], forward_fn, progress=False)
+        else:
+            calibrate(model, data, forward_fn, progress)
+        report = recover_(
+            model, method=method, data=data if corrective else None, forward_fn=forward_fn,
+            progress=progress, cache_blocks=cache_blocks, options=opts,
+        )  # fmt: skip
+    except BaseException:
+        revert(model)
+        raise
     return model, report

@@ -15,8 +15,10 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from .convert import _REPLACEMENTS, _replace
+from .batchnorm import BATCHNORMS, FoldedBatchNorm
+from .convert import REPLACEMENTS
 from .linear import LowRankLinear
+from .swap import module_names, replace_everywhere
 
 __all__ = ["load_state_dict"]
 
@@ -27,7 +29,7 @@ def _low_rank_like(
     """A recovered low-rank module for ``dense`` shaped by the factors under ``prefix`` in
     ``state_dict``, with the device, dtype, ``requires_grad`` and mode of ``dense`` and its factors
     uninitialised (loading fills them); ``None`` when ``dense`` is no supported layer."""
-    kind = next((lr for d, lr in _REPLACEMENTS if isinstance(dense, d)), None)
+    kind = next((lr for d, lr in REPLACEMENTS if isinstance(dense, d)), None)
     if kind is None:
         return None
     down = state_dict[f"{prefix}down.weight"]
@@ -104,10 +106,8 @@ def load_state_dict(
         >>> type(fresh[0]).__name__, fresh[0].rank, fresh[0].up.weight.device.type
         ('LowRankLinear', 4, 'cpu')
     """
-    names: dict[nn.Module, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(module, []).append(name)
-    swaps: list[tuple[nn.Module, nn.Module]] = []  # (dense, low-rank)
+    names = module_names(model)
+    swaps: list[tuple[nn.Module, nn.Module]] = []  # (dense, low-rank or folded BatchNorm)
     for module, where in names.items():
         for name in where:
             prefix = f"{name}." if name else ""
@@ -116,23 +116,17 @@ def load_state_dict(
                 if new is not None:
                     swaps.append((module, new))
                 break
+            if isinstance(module, BATCHNORMS) and f"{prefix}folded" in state_dict:
+                swaps.append((module, FoldedBatchNorm.like(module)))
+                break
     root = model
     for dense, new in swaps:
-        root = _put(root, model, names[dense], new)
+        replaced = replace_everywhere(model, names[dense], new)
+        root = root if replaced is model else replaced
     try:
         root.load_state_dict(state_dict, strict=strict, assign=assign)
     except BaseException:
         for dense, _ in swaps:
-            _put(root, model, names[dense], dense)
+            replace_everywhere(model, [n for n in names[dense] if n], dense)
         raise
-    return root
-
-
-def _put(root: nn.Module, model: nn.Module, where: list[str], module: nn.Module) -> nn.Module:
-    """Set ``module`` at every name in ``where``; return the (possibly new) root."""
-    for name in where:
-        if name:
-            _replace(model, name, module)
-        else:
-            root = module
     return root

@@ -1,0 +1,142 @@
+"""Running calibration batches: how one batch reaches the model, and :func:`calibrate`.
+
+Every pass the library makes over calibration data runs the model in eval mode without
+gradients and gives the caller's train/eval modes back afterwards (:func:`eval_mode`), so a
+model left in train mode compresses exactly as the same model in eval mode, and its BatchNorm
+statistics and dropout state are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .families import forward_kwargs
+
+__all__ = ["calibrate", "default_forward", "eval_mode", "progress_bar", "settings_of"]
+
+
+def progress_bar(items: Iterable, what: str, enabled: bool) -> Iterable:
+    """``items`` with a tqdm progress bar: shown on an interactive terminal when ``enabled``.
+
+    Example:
+        >>> list(progress_bar([1, 2], "counting", enabled=False))
+        [1, 2]
+    """
+    total = len(items) if hasattr(items, "__len__") else None
+    return tqdm(items, desc=what, total=total, disable=None if enabled else True, leave=False)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Context manager: every module of ``models`` in eval mode inside, each module's own
+    train/eval mode back afterwards (also when the body fails).
+
+    Example:
+        >>> model = nn.Sequential(nn.Dropout(), nn.Linear(2, 2)).train()
+        >>> with eval_mode(model):
+        ...     model[0].training
+        False
+        >>> model[0].training
+        True
+    """
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for tensor in model.parameters():
+        return tensor.device
+    return None
+
+
+def _move(value: Any, device: torch.device | None) -> Any:
+    return value.to(device) if isinstance(value, Tensor) and device is not None else value
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Run one calibration batch: a tensor is the input; a mapping is passed as keyword
+    arguments; a tuple or list is ``(inputs, targets, ...)`` and only ``inputs`` is used.
+    Tensors are moved to the model's device. Hugging Face models get ``use_cache=False``.
+
+    Example:
+        >>> default_forward(nn.Linear(3, 1), (torch.ones(2, 3), "label")).shape
+        torch.Size([2, 1])
+    """
+    return _run_batch(model, batch, _model_device(model), forward_kwargs(model))
+
+
+def _run_batch(model: nn.Module, batch: Any, device: torch.device | None, extra: dict) -> Any:
+    """:func:`default_forward` with the model's device and extra keyword arguments looked up
+    already (once per :func:`calibrate`, not once per batch)."""
+    if isinstance(batch, Mapping):
+        return model(**{**extra, **{k: _move(v, device) for k, v in batch.items()}})
+    if isinstance(batch, (tuple, list)):
+        return model(_move(batch[0], device), **extra)
+    return model(_move(batch, device), **extra)
+
+
+def settings_of(model: nn.Module) -> list:
+    """The distinct :class:`~torch_lowrank.settings.Settings` of the calibrating low-rank
+    modules of ``model`` (one per :func:`~torch_lowrank.convert` call that touched it)."""
+    found: list = []
+    for module in model.modules():
+        settings = getattr(module, "settings", None)
+        calibrating = getattr(module, "calibrating", False)
+        if calibrating and settings is not None and all(settings is not s for s in found):
+            found.append(settings)
+    return found
+
+
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = True,
+) -> int:
+    """Run calibration batches through ``model`` in eval mode without gradients.
+
+    The calibrating modules' observers accumulate their statistics, batch by batch: a batch
+    whose forward fails adds nothing. Every module's train/eval mode is restored afterwards.
+    Returns the number of batches. ``progress`` shows a tqdm bar on an interactive terminal
+    (``False``: never).
+
+    Example:
+        >>> import torch_lowrank as tl
+        >>> model = tl.convert(nn.Sequential(nn.Linear(32, 32)), rank=4)
+        >>> calibrate(model, [torch.randn(16, 32) for _ in range(3)])
+        3
+    """
+    if forward_fn is None:  # default_forward, with its per-model lookups done once
+        forward_fn = functools.partial(
+            _run_batch, device=_model_device(model), extra=forward_kwargs(model)
+        )
+    count = 0
+    with eval_mode(model), torch.no_grad():
+        for batch in progress_bar(data, "calibrating", progress):
+            run_batch(model, batch, forward_fn)
+            count += 1
+    return count
+
+
+def run_batch(model: nn.Module, batch: Any, forward_fn: Callable) -> Any:
+    """``forward_fn(model, batch)``; if it does not finish (an error, Ctrl-C), what it showed
+    the observers is dropped and an activation observation in progress is ended."""
+    try:
+        return forward_fn(model, batch)
+    except BaseException:
+        for settings in settings_of(model):
+            settings.hooks.abort()
+        raise

@@ -1,0 +1,123 @@
+"""Settings that belong to a whole conversion, in one frozen object the modules carry.
+
+:func:`~torch_lowrank.convert` decides some things for the whole model: whether BatchNorms are
+folded, how ranks are allocated globally, which layers it left dense and why. It puts them in one
+:class:`Settings` that every module it converted holds (``module.settings``), so that
+:func:`~torch_lowrank.recover_` finds them on the modules themselves: no registry keyed by model,
+nothing stored on the user's model. The model-level hooks of the conversion (the batch gate and
+the activation detector) travel with it in :class:`ModelHooks`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+from .report import LayerReport
+
+__all__ = ["GlobalAllocation", "ModelHooks", "Settings"]
+
+BUDGETS = ("params", "flops")
+
+
+def _int_at_least(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"convert: {name} must be an int >= {low}\nbut got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class GlobalAllocation:
+    """Global rank allocation (see :mod:`torch_lowrank.allocation`), validated when built.
+
+    Attributes:
+        ratio: the fraction of the converted layers' total cost kept, in (0, 1].
+        budget: what is counted: ``"params"`` (weights) or ``"flops"``.
+        round_to: ranks are multiples of this.
+        min_rank / max_rank: bounds on every allocated rank.
+
+    Example:
+        >>> GlobalAllocation(0.5, min_rank=4, max_rank=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: convert: min_rank must be <= max_rank
+        but got min_rank=4, max_rank=2
+    """
+
+    ratio: float
+    budget: str = "params"
+    round_to: int = 1
+    min_rank: int = 1
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        ratio = self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+            raise ValueError(f"convert: ratio must be a number in (0, 1]\nbut got {ratio!r}")
+        object.__setattr__(self, "ratio", float(ratio))
+        if self.budget not in BUDGETS:
+            raise ValueError(
+                f"convert: budget must be 'params' or 'flops'\nbut got {self.budget!r}"
+            )
+        object.__setattr__(self, "round_to", _int_at_least("round_to", self.round_to, 1))
+        object.__setattr__(self, "min_rank", _int_at_least("min_rank", self.min_rank, 1))
+        if self.max_rank is not None:
+            object.__setattr__(self, "max_rank", _int_at_least("max_rank", self.max_rank, 1))
+            if self.min_rank > self.max_rank:
+                raise ValueError(
+                    "convert: min_rank must be <= max_rank\n"
+                    f"but got min_rank={self.min_rank}, max_rank={self.max_rank}"
+                )
+
+    def as_dict(self) -> dict:
+        """The settings as a plain dict (for the report)."""
+        return {
+            "ratio": self.ratio,
+            "budget": self.budget,
+            "round_to": self.round_to,
+            "min_rank": self.min_rank,
+            "max_rank": self.max_rank,
+        }
+
+
+class ModelHooks:
+    """The hooks a conversion puts on the model: the batch gate
+    (:class:`~torch_lowrank.observer.BatchGate`) and the activation detector waiting for the
+    first forward (:class:`~torch_lowrank.detect.FirstForwardDetector`), removed together."""
+
+    def __init__(self, gate: Any = None, detector: Any = None) -> None:
+        self.gate = gate
+        self.detector = detector
+
+    def abort(self) -> None:
+        """After a forward that did not finish: drop what it showed and end an observation
+        of activations in progress (its mode would otherwise stay on the stack)."""
+        if self.gate is not None:
+            self.gate.discard()
+        if self.detector is not None:
+            self.detector.abort()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        self.abort()
+        for hooks in (self.gate, self.detector):
+            if hooks is not None:
+                hooks.remove()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What :func:`~torch_lowrank.convert` decided for the whole model.
+
+    Attributes:
+        fold_batchnorm: fold an eval BatchNorm between a layer and its activation.
+        allocation: global allocation, or ``None`` (each layer has its own rank).
+        skipped: report rows of the layers left dense, with the reason.
+        hooks: the model-level hooks of the conversion.
+    """
+
+    fold_batchnorm: bool = True
+    allocation: GlobalAllocation | None = None
+    skipped: tuple[LayerReport, ...] = ()
+    hooks: ModelHooks = field(default_factory=ModelHooks, compare=False, repr=False)
