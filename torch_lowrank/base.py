@@ -34,21 +34,13 @@ from .cross import CrossStats
 from .export import layer_problem
 from .hooks import Hook, HookLedger
 from .observer import BatchGate, Observation, Observer
+from .plans import layer_row
 from .problem import LayerProblem, solve
 from .ranks import target_rank
 from .report import LayerReport
 from .reservoir import Reservoir
 
-__all__ = ["LowRankModule", "new_parameter"]
-
-
-def new_parameter(value: Tensor, like: Tensor, device: torch.device | None = None) -> nn.Parameter:
-    """``value`` as a parameter with the dtype, device and ``requires_grad`` of ``like``
-    (on ``device`` instead, when given)."""
-    return nn.Parameter(
-        value.detach().to(device=device or like.device, dtype=like.dtype).contiguous(),
-        requires_grad=like.requires_grad,
-    )
+__all__ = ["LowRankModule"]
 
 
 class LowRankModule(nn.Module):
@@ -56,9 +48,17 @@ class LowRankModule(nn.Module):
     of :class:`~torch_lowrank.LowRankLinear`, :class:`~torch_lowrank.LowRankConv1d` and
     :class:`~torch_lowrank.LowRankConv2d`; ``isinstance(m, LowRankModule)`` finds them all)."""
 
-    calibrating: bool
     #: Independent blocks of the weight (a grouped conv's groups); each gets its own factors.
     groups: int = 1
+    # The calibrating phase's state, set by from_dense; a recovered module keeps these defaults.
+    calibrating: bool = False
+    energy: float | None = None
+    settings: Any = None  # what convert() decided for the whole model (settings.Settings)
+    activation: Activation | None = None
+    activation_source: str = "given"  # or "auto", "observed", "static", "none"
+    folded_batchnorm: tuple = ()  # (bn,) when an eval BatchNorm follows (not a child)
+    offload: torch.device | None = None
+    observer: Observer | None = None
     #: The dense layer type this module replaces.
     _dense_type: type
 
@@ -115,7 +115,6 @@ class LowRankModule(nn.Module):
         module.settings = settings
         module.activation = found
         module.activation_source = "auto" if auto else "given"
-        module.folded_batchnorm = ()  # (bn,) when an eval BatchNorm follows (not a child)
         module.offload = None if offload is None else torch.device(offload)
         module.home = dense.weight.device  # where the inputs arrive (and factors go)
         if module.offload is not None:
@@ -144,17 +143,9 @@ class LowRankModule(nn.Module):
         raise NotImplementedError
 
     def _start_recovered(self, rank: int, add_bias: bool) -> None:
-        self.calibrating = False
         self.target_rank = rank
-        self.energy = None
         self.add_bias = add_bias
         self.layer_name = type(self).__name__
-        self.settings = None
-        self.activation = None
-        self.activation_source = "given"
-        self.folded_batchnorm = ()
-        self.offload = None
-        self.observer = None
 
     # -- subclass interface ----------------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
@@ -202,22 +193,14 @@ class LowRankModule(nn.Module):
     # -- calibration -----------------------------------------------------------------------------
     @property
     def stats_space(self) -> str:
-        """Where the statistics are kept: ``"input"`` (the covariance of the ``n``-wide input
-        rows) or ``"output"`` (that of the ``m``-wide products ``W x + b``).
-
-        The default is the narrower space: ``"output"`` when ``m < n``. Both give the same
-        ``linear`` solution; set ``"input"`` before the first calibration batch to keep the
-        input covariance itself.
+        """Where the statistics are kept (see :attr:`Observer.space
+        <torch_lowrank.observer.Observer.space>`): ``"output"`` when ``m < n``, else ``"input"``;
+        settable before the first calibration batch.
 
         Example:
             >>> from torch_lowrank import LowRankLinear
-            >>> layer = LowRankLinear.from_linear(nn.Linear(64, 8), rank=2)
-            >>> layer.stats_space
+            >>> LowRankLinear.from_linear(nn.Linear(64, 8), rank=2).stats_space
             'output'
-            >>> layer.stats_space = "input"
-            >>> _ = layer(torch.randn(32, 64))
-            >>> tuple(layer.stats[0].covariance.shape)
-            (64, 64)
         """
         return self.observer.space
 
@@ -234,11 +217,6 @@ class LowRankModule(nn.Module):
     def reservoirs(self) -> list | None:
         """The per-group reservoirs of sample rows (read only; ``None`` without any)."""
         return None if self.observer is None else self.observer.observation().reservoirs
-
-    @property
-    def samples(self) -> int:
-        """Reservoir capacity per group (0: no sample rows)."""
-        return 0 if self.observer is None else self.observer.samples
 
     @property
     def samples_seen(self) -> int:
@@ -286,14 +264,8 @@ class LowRankModule(nn.Module):
     def saves_parameters(self, rank: int, bias: bool | None = None) -> bool:
         """Whether factors of ``rank`` hold fewer parameters than the dense layer, counting a
         bias on the factors when ``bias`` (default: when the factors would get one: the dense
-        layer has a bias, or ``add_bias``).
-
-        Example:
-            >>> from torch_lowrank import LowRankLinear
-            >>> layer = LowRankLinear.from_linear(nn.Linear(4, 16, bias=False), rank=3)
-            >>> layer.saves_parameters(3, bias=False), layer.saves_parameters(3)
-            (True, False)
-        """
+        layer has a bias, or ``add_bias``). E.g. ``Linear(4, 16, bias=False)`` at rank 3: 60
+        weights save, 60 weights and an added bias of 16 do not."""
         m, n = self.matrix_shape
         dense_bias = self.bias is not None
         with_bias = (dense_bias or self.add_bias) if bias is None else bias
@@ -352,50 +324,15 @@ class LowRankModule(nn.Module):
         self.down, self.up = down, up
         self.target_rank = self.rank
 
-    def report_row(
-        self, factors: list[solvers.Factors], method: str, seconds: float, fold: bool = False
-    ) -> LayerReport:
-        """The report row of a solve of this (still calibrating) module."""
-        m, n = self.matrix_shape
-        rank = factors[0].rank
-        has_bias = factors[0].bias is not None
-        error = sum(f.error for f in factors)
-        variance = sum(f.variance for f in factors)
-        activation = self.effective_activation(fold)
-        notes = []
-        if self.groups > 1:
-            notes.append(f"rank {rank} per group, {self.groups} groups")
-        if fold and self.folded_batchnorm:
-            notes.append("BatchNorm folded in")
-        if "iterations" in factors[0].info:
-            notes.append(f"{max(f.info['iterations'] for f in factors)} iterations")
-        return LayerReport(
-            name=self.layer_name,
-            shape=tuple(self.dense.weight.shape),
-            rank=rank,
-            params_before=sum(p.numel() for p in self.dense.parameters()),
-            params_after=self.groups * (rank * (m + n) + (m if has_bias else 0)),
-            relative_error=solvers.relative_error(error, variance),
-            method=method,
-            seconds=seconds,
-            note=", ".join(notes),
-            activation=activation.name if activation is not None else "-",
-            spectrum=sum(f.spectrum for f in factors).tolist(),
-        )
-
     def recover_(
         self, method: str = "relu", options: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> LayerReport:
         """Solve for the low-rank factors from the accumulated statistics, in place.
 
         Args:
-            method: ``"relu"`` (activation-aware: the layer's activation objective by projected
-                gradient from the ``linear`` start; plain ``linear`` when no activation follows),
-                ``"linear"`` (the exact data-driven optimum of the pre-activations), ``"svd"``
-                (truncated SVD of the weight, needs no data) or ``"nuclear"`` (nuclear-norm
-                relaxation of the ReLU objective).
-            options / **kwargs: the method's options (see :mod:`torch_lowrank.options`:
-                ``max_iter``, ``tol``, ``optimizer``, ``lr``; ``lam`` for nuclear), checked
+            method: ``"relu"``, ``"linear"``, ``"svd"`` or ``"nuclear"`` (see
+                :func:`torch_lowrank.recover_`).
+            options / **kwargs: the method's options (:mod:`torch_lowrank.options`), checked
                 before anything runs.
 
         Returns:
@@ -419,7 +356,7 @@ class LowRankModule(nn.Module):
         start = time.perf_counter()
         factors = solve(self.problem(), method, {**(options or {}), **kwargs})
         layers = self.factor_layers(factors)
-        row = self.report_row(factors, method, time.perf_counter() - start)
+        row = layer_row(self, factors, method, time.perf_counter() - start)
         self.install_(factors, layers)
         return row
 
@@ -428,21 +365,15 @@ class LowRankModule(nn.Module):
         """:meth:`torch.nn.Module.register_forward_hook`, remembered so that
         :meth:`carry_hooks_to` can move it to a layer that replaces this module."""
         handle = super().register_forward_hook(hook, *args, **kwargs)
-        self._ledger().remember(Hook(False, hook, args, kwargs, handle))
-        return handle
+        return self._ledger().remember(Hook(False, hook, args, kwargs, handle))
 
-    def register_forward_pre_hook(
-        self, hook: Callable, *args: Any, **kwargs: Any
-    ) -> RemovableHandle:
+    def register_forward_pre_hook(self, hook: Callable, *args: Any, **kwargs: Any):
         """:meth:`torch.nn.Module.register_forward_pre_hook`, remembered likewise."""
         handle = super().register_forward_pre_hook(hook, *args, **kwargs)
-        self._ledger().remember(Hook(True, hook, args, kwargs, handle))
-        return handle
+        return self._ledger().remember(Hook(True, hook, args, kwargs, handle))
 
-    def _ledger(self) -> HookLedger:
-        if "hook_ledger" not in self.__dict__:  # a plain attribute, not module state
-            self.__dict__["hook_ledger"] = HookLedger()
-        return self.__dict__["hook_ledger"]
+    def _ledger(self) -> HookLedger:  # a plain attribute, not module state
+        return self.__dict__.setdefault("hook_ledger", HookLedger())
 
     def carry_hooks_to(self, new: nn.Module) -> int:
         """Register this module's forward hooks and pre-hooks that are still in place on

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import solvers
-from .base import LowRankModule, new_parameter
+from .base import LowRankModule
+from .layers import new_parameter
+from .patches import out_size, patch_rows, patches_at
 from .ranks import target_rank
 
 __all__ = ["LowRankConv1d", "LowRankConv2d"]
@@ -39,60 +41,6 @@ __all__ = ["LowRankConv1d", "LowRankConv2d"]
 
 def _pair(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
-
-
-def _out_size(x: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> tuple[int, int]:
-    """The output size ``(h_out, w_out)`` of a conv over a padded ``(B, C, H, W)`` input
-    (zero or negative: no position)."""
-    H, W = x.shape[2:]
-    h_out = (H - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    w_out = (W - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    return max(h_out, 0), max(w_out, 0)
-
-
-def _patches_at(x: Tensor, index: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> Tensor:
-    """The patches of a padded ``(B, C, H, W)`` input at flat output positions ``index``
-    (``image * h_out * w_out + row * w_out + col``, the order of :func:`_patch_rows`), as rows
-    ``(len(index), C kh kw)`` laid out like ``unfold``'s."""
-    B, C = x.shape[:2]
-    h_out, w_out = _out_size(x, kernel, stride, dilation)
-    image, place = index // (h_out * w_out), index % (h_out * w_out)
-    top = (place // w_out) * stride[0]
-    left = (place % w_out) * stride[1]
-    rows = top[:, None] + dilation[0] * torch.arange(kernel[0], device=x.device)  # (k, kh)
-    cols = left[:, None] + dilation[1] * torch.arange(kernel[1], device=x.device)  # (k, kw)
-    patches = x[image[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (k, kh, kw, C)
-    return patches.permute(0, 3, 1, 2).reshape(index.shape[0], C * kernel[0] * kernel[1])
-
-
-def _patch_rows(
-    x: Tensor, kernel: tuple, stride: tuple, dilation: tuple, budget: int
-) -> Iterator[Tensor]:
-    """Receptive-field patches of a padded ``(B, C, H, W)`` input as rows ``(N, C kh kw)``, in
-    chunks of at most ``budget`` elements (at least one output row of one image)."""
-    B, C, H, W = x.shape
-    n = C * kernel[0] * kernel[1]
-    h_out, w_out = _out_size(x, kernel, stride, dilation)
-    if h_out <= 0 or w_out <= 0:
-        return
-
-    def rows(part: Tensor) -> Tensor:
-        cols = F.unfold(part, kernel, dilation=dilation, stride=stride)  # (b, n, L)
-        return cols.transpose(1, 2).reshape(-1, n)
-
-    per_image = h_out * w_out * n
-    if per_image <= budget:
-        images = max(1, budget // per_image)
-        for start in range(0, B, images):
-            yield rows(x[start : start + images])
-        return
-    band = max(1, budget // (w_out * n))  # output rows per chunk
-    span = dilation[0] * (kernel[0] - 1) + 1
-    for image in range(B):
-        for top in range(0, h_out, band):
-            bottom = min(h_out, top + band)
-            strip = x[image : image + 1, :, top * stride[0] : (bottom - 1) * stride[0] + span]
-            yield rows(strip)
 
 
 class _LowRankConv(LowRankModule):
@@ -223,20 +171,20 @@ class _LowRankConv(LowRankModule):
 
     def input_rows(self, x: Tensor) -> Iterator[Tensor]:
         self.check_input(x)
-        return _patch_rows(*self._padded(x), self.chunk_elements)
+        return patch_rows(*self._padded(x), self.chunk_elements)
 
     def offer_samples(self, x: Tensor, reservoirs: list) -> None:
         """Offer every output position to the reservoirs, and build the patches of only the
         positions that can enter (at most ``samples`` per batch): no ``unfold`` of the map."""
         padded, kernel, stride, dilation = self._padded(x)
-        count = padded.shape[0] * math.prod(_out_size(padded, kernel, stride, dilation))
+        count = padded.shape[0] * math.prod(out_size(padded, kernel, stride, dilation))
         if count == 0:
             return
 
         def pick(index: Tensor | None, channels: Tensor) -> Tensor:
             if index is None:  # every position can enter
                 index = torch.arange(count, device=padded.device)
-            return _patches_at(channels, index, kernel, stride, dilation)
+            return patches_at(channels, index, kernel, stride, dilation)
 
         # each group's reservoir builds its patches from that group's channels only
         for reservoir, channels in zip(reservoirs, padded.chunk(self.groups, dim=1)):

@@ -140,12 +140,13 @@ def _accumulate_wave(
                     handle.remove()
             inputs[compressed] = store
         for module in wave:
-            n, groups = module.matrix_shape[1], module.groups
+            n, groups, samples = module.matrix_shape[1], module.groups, module.observer.samples
+            keep = with_samples and samples > 0  # samples=0: the solve names the layer
             if module not in paired:
                 paired[module] = [
                     (
                         CrossStats(n, module.offload),
-                        Reservoir(module.samples, module.offload) if with_samples else None,
+                        Reservoir(samples, module.offload) if keep else None,
                     )
                     for _ in range(groups)
                 ]
@@ -171,7 +172,7 @@ def solve_cost(module: nn.Module, method: str, fold: bool) -> float:
     m, n = module.matrix_shape
     cost = module.groups * m * n * min(m, n)
     if method in ("relu", "nuclear") and module.effective_activation(fold) is not None:
-        cost += 200 * max(module.samples, 1) * module.groups * m * n
+        cost += 200 * max(module.observer.samples, 1) * module.groups * m * n
     return float(cost)
 
 
@@ -184,8 +185,8 @@ def _reduced(
     for j in range(module.groups):
         cross, reservoir = pairs[j] if pairs is not None else (None, None)
         merged = CrossStats.all_reduce(cross, n, device)
-        if with_samples:
-            reservoir = Reservoir.all_reduce(reservoir, module.samples, 2 * n, device)
+        if with_samples and module.observer.samples:
+            reservoir = Reservoir.all_reduce(reservoir, module.observer.samples, 2 * n, device)
         out.append((merged, reservoir))
     return out
 

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from .activations import ACTIVATIONS, Activation, leaky, module_activation
 from .batchnorm import BATCHNORMS
 
-__all__ = ["FirstForwardDetector", "static_activations"]
+__all__ = ["FirstForwardDetector", "paused", "settle_activations", "static_activations"]
 
 logger = logging.getLogger(__name__)
 
@@ -301,3 +301,35 @@ class FirstForwardDetector:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def settle_activations(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """After calibration: give every low-rank layer (by name) whose activation was not
+    observed the static answer (Sequential / fx, tracing low-rank modules as leaves), and log
+    where observation and the static answer disagree.
+
+    Example:
+        >>> import torch_lowrank as tl
+        >>> seq = tl.convert(nn.Sequential(nn.Linear(4, 4), nn.GELU()), rank=1)
+        >>> settle_activations(seq, {"0": seq[0]})  # no forward ran: the static answer
+        >>> seq[0].activation.name, seq[0].activation_source
+        ('gelu', 'static')
+    """
+    leaf = set(layers.values())
+    static = static_activations(model, list(layers), leaf=lambda m: m in leaf)
+    for name, module in layers.items():
+        pending = module.activation_source == "auto"
+        if name not in static:
+            if pending:
+                module.set_activation_(None, None, "none")
+            continue
+        guess = static[name]
+        if pending:
+            module.set_activation_(guess, None, "static")
+        elif module.activation_source == "observed" and not module.folded_batchnorm:
+            seen = module.activation.name if module.activation else None
+            if seen != (guess.name if guess else None):
+                logger.warning(
+                    "%s: observed activation %s, static analysis says %s; using %s",
+                    name, seen, guess.name if guess else None, seen,
+                )  # fmt: skip

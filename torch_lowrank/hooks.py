@@ -40,7 +40,7 @@ class HookLedger:
     Example:
         >>> ledger, layer = HookLedger(), nn.Linear(2, 2)
         >>> handle = layer.register_forward_hook(lambda module, args, out: None)
-        >>> ledger.remember(Hook(False, lambda module, args, out: None, (), {}, handle))
+        >>> _ = ledger.remember(Hook(False, lambda module, args, out: None, (), {}, handle))
         >>> ledger.carry_to(nn.Linear(2, 2))
         1
     """
@@ -48,9 +48,10 @@ class HookLedger:
     def __init__(self) -> None:
         self.hooks: list[Hook] = []
 
-    def remember(self, hook: Hook) -> None:
-        """Keep ``hook`` (and drop the records of hooks removed since)."""
+    def remember(self, hook: Hook) -> RemovableHandle:
+        """Keep ``hook`` (and drop the records of hooks removed since); returns its handle."""
         self.hooks = [*(h for h in self.hooks if h.live), hook]
+        return hook.handle
 
     def carry_to(self, new: nn.Module) -> int:
         """Register the hooks still in place on ``new``; returns how many."""

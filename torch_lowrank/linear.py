@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from . import solvers
-from .base import LowRankModule, new_parameter
+from .base import LowRankModule
+from .layers import new_parameter
 from .ranks import target_rank
 
 __all__ = ["LowRankLinear"]

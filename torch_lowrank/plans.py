@@ -13,14 +13,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import solvers
 from .cross import CrossStats
 from .observer import Observation
 from .options import Options
 from .problem import solve
+from .report import LayerReport, relative_error
 from .reservoir import Reservoir
 from .solvers import Factors
 
-__all__ = ["Plan", "plan_layer"]
+__all__ = ["Plan", "layer_row", "plan_layer"]
 
 
 @dataclass
@@ -78,3 +80,39 @@ def plan_layer(
         return Plan.dense(f"rank {chosen} for {how} saves nothing")
     layers = module.factor_layers(factors)
     return Plan(factors, layers, time.perf_counter() - start, problem.folded)
+
+
+def layer_row(
+    module: nn.Module,
+    factors: list[solvers.Factors],
+    method: str,
+    seconds: float,
+    fold: bool = False,
+) -> LayerReport:
+    """The report row of a solve of ``module`` (still calibrating)."""
+    m, n = module.matrix_shape
+    rank = factors[0].rank
+    has_bias = factors[0].bias is not None
+    error = sum(f.error for f in factors)
+    variance = sum(f.variance for f in factors)
+    activation = module.effective_activation(fold)
+    notes = []
+    if module.groups > 1:
+        notes.append(f"rank {rank} per group, {module.groups} groups")
+    if fold and module.folded_batchnorm:
+        notes.append("BatchNorm folded in")
+    if "iterations" in factors[0].info:
+        notes.append(f"{max(f.info['iterations'] for f in factors)} iterations")
+    return LayerReport(
+        name=module.layer_name,
+        shape=tuple(module.dense.weight.shape),
+        rank=rank,
+        params_before=sum(p.numel() for p in module.dense.parameters()),
+        params_after=module.groups * (rank * (m + n) + (m if has_bias else 0)),
+        relative_error=relative_error(error, variance),
+        method=method,
+        seconds=seconds,
+        note=", ".join(notes),
+        activation=activation.name if activation is not None else "-",
+        spectrum=sum(f.spectrum for f in factors).tolist(),
+    )

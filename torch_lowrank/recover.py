@@ -25,13 +25,13 @@ from . import distributed
 from .allocation import LayerBudget, allocate
 from .base import LowRankModule
 from .batches import calibrate, default_forward, eval_mode, progress_bar, settings_of
-from .batchnorm import FoldedBatchNorm
+from .batchnorm import FoldedBatchNorm, batchnorm_places
 from .convert import convert, dense_row, low_rank_modules, revert
 from .corrective import corrective_plans, device_of, held_bytes, solve_cost
-from .detect import static_activations
+from .detect import settle_activations
 from .observer import Observation
 from .options import Options, make_options
-from .plans import Plan, plan_layer
+from .plans import Plan, layer_row, plan_layer
 from .problem import spectrum
 from .report import LayerReport, Report
 from .reservoir import Reservoir
@@ -43,42 +43,6 @@ __all__ = ["recover_", "compress"]
 logger = logging.getLogger(__name__)
 
 Places = dict[nn.Module, list[tuple[nn.Module, str]]]
-
-
-def _settle_activations(model: nn.Module, found: dict[nn.Module, list[str]]) -> None:
-    """Give every layer whose activation was not observed the static answer (Sequential / fx),
-    and log where observation and the static answer disagree."""
-    names = {names[0]: module for module, names in found.items()}
-    static = static_activations(model, list(names), leaf=lambda m: isinstance(m, LowRankModule))
-    for name, module in names.items():
-        pending = module.activation_source == "auto"
-        if name not in static:
-            if pending:
-                module.set_activation_(None, None, "none")
-            continue
-        guess = static[name]
-        if pending:
-            module.set_activation_(guess, None, "static")
-        elif module.activation_source == "observed" and not module.folded_batchnorm:
-            seen = module.activation.name if module.activation else None
-            if seen != (guess.name if guess else None):
-                logger.warning(
-                    "%s: observed activation %s, static analysis says %s; using %s",
-                    name, seen, guess.name if guess else None, seen,
-                )  # fmt: skip
-
-
-def _batchnorm_places(
-    model: nn.Module, module: LowRankModule, all_names: dict[nn.Module, list[str]]
-) -> list[tuple[nn.Module, str]]:
-    """Where the BatchNorm to fold into ``module`` sits in ``model``: ``(parent, attribute)``."""
-    if not module.folded_batchnorm or module.folded_batchnorm[0] not in all_names:
-        return []
-    places = []
-    for name in all_names[module.folded_batchnorm[0]]:
-        parent_name, _, attr = name.rpartition(".")
-        places.append((model.get_submodule(parent_name), attr))
-    return places
 
 
 def _observations(found: dict[nn.Module, list[str]]) -> dict[nn.Module, Observation]:
@@ -95,9 +59,9 @@ def _observations(found: dict[nn.Module, list[str]]) -> dict[nn.Module, Observat
         torch.distributed.all_reduce(inputs)
         stats = seen.stats or [None] * module.groups
         reservoirs = None
-        if module.samples:
+        if module.observer.samples:
             own = seen.reservoirs or [None] * module.groups
-            reservoirs = [Reservoir.all_reduce(r, module.samples, n, device) for r in own]
+            reservoirs = [Reservoir.all_reduce(r, module.observer.samples, n, device) for r in own]
         summed[module] = Observation(
             seen.space,
             [CovarianceStats.all_reduce(s, width, device) for s in stats],
@@ -193,7 +157,7 @@ def _write(
                 )
             replace_everywhere(model, [name for name in found[module] if name], dense)
             continue
-        rows[module] = module.report_row(plan.factors, method, plan.seconds, plan.folded)
+        rows[module] = layer_row(module, plan.factors, method, plan.seconds, plan.folded)
         for parent, attr in fold[module] if plan.folded else []:
             setattr(parent, attr, FoldedBatchNorm.like(getattr(parent, attr)))
         module.install_(plan.factors, plan.layers)
@@ -266,9 +230,9 @@ def recover_(
         settings.hooks.abort()  # what an unfinished forward showed
         if settings.hooks.detector is not None:
             settings.hooks.detector.remove()
-    _settle_activations(model, found)
+    settle_activations(model, {names[0]: m for m, names in found.items()})
     all_names = module_names(model)
-    fold = {module: _batchnorm_places(model, module, all_names) for module in found}
+    fold = {module: batchnorm_places(model, module.folded_batchnorm, all_names) for module in found}
 
     # Phase 1: solve everything; nothing in the model changes here.
     with eval_mode(model):

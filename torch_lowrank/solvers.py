@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .report import relative_error
+
 __all__ = [
     "Factors",
     "select_rank",
@@ -33,7 +35,6 @@ __all__ = [
     "corrective",
     "output_error",
     "output_spectrum",
-    "relative_error",
 ]
 
 
@@ -68,21 +69,6 @@ class Factors:
     def relative_error(self) -> float:
         """``error / variance``: the fraction of the output variance the factors lose."""
         return relative_error(self.error, self.variance)
-
-
-def relative_error(error: float, variance: float) -> float:
-    """``error / variance``, the fraction of the output variance lost; ``nan`` when unknown,
-    or when there is no variance to lose (constant outputs) but some error.
-
-    Example:
-        >>> relative_error(1.0, 4.0), relative_error(0.0, 0.0)
-        (0.25, 0.0)
-    """
-    if math.isnan(error) or math.isnan(variance):
-        return math.nan
-    if variance <= 0.0:
-        return 0.0 if error <= 0.0 else math.nan
-    return error / variance
 
 
 def select_rank(spectrum: Tensor, rank: int | None = None, energy: float | None = None) -> int:
