@@ -1,6 +1,6 @@
 """Cost of the ``linear`` solve next to one ``torch.linalg.eigh`` of size ``min(m, n)``.
 
-DESIGN section 5: recovery costs about one eigendecomposition of size ``min(m, n)`` per layer.
+By design, recovery costs about one eigendecomposition of size ``min(m, n)`` per layer.
 For every shape this times, in one process and interleaved, a float64 ``eigh`` of a
 ``min(m, n)`` covariance, the ``linear`` solve and the ``svd`` baseline, and reports the medians
 and their ratios. Absolute times depend on the machine; the ratios are what to compare.

@@ -12,8 +12,7 @@ from torch import nn
 
 import torch_lowrank as tl
 from torch_lowrank import LowRankConv2d, LowRankLinear
-from torch_lowrank.activations import ACTIVATIONS, resolve_activation
-from torch_lowrank.batchnorm import FoldedBatchNorm
+from torch_lowrank.activations import ACTIVATIONS, FoldedBatchNorm, resolve_activation
 
 MODULES = {
     "relu": nn.ReLU,

@@ -241,7 +241,7 @@ def test_convert_validation(kwargs, message):
 
 
 def test_progress_bars_can_be_turned_off(capsys):
-    from torch_lowrank.batches import progress_bar
+    from torch_lowrank.model import progress_bar
 
     assert progress_bar([1, 2], "x", enabled=False).disable
     model = tl.convert(nn.Sequential(nn.Linear(8, 8)), rank=2)

@@ -9,7 +9,7 @@ from torch import nn
 
 import torch_lowrank as tl
 from torch_lowrank import LowRankLinear, solvers
-from torch_lowrank.batchnorm import FoldedBatchNorm
+from torch_lowrank.activations import FoldedBatchNorm
 from torch_lowrank.cross import CrossStats
 
 f64 = torch.float64

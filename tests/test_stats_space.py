@@ -16,7 +16,7 @@ from torch import nn
 
 import torch_lowrank as tl
 from torch_lowrank import LowRankConv2d, LowRankLinear
-from torch_lowrank.batchnorm import FoldedBatchNorm
+from torch_lowrank.activations import FoldedBatchNorm
 
 
 def both_spaces(make, data, method="linear", **options):

@@ -14,11 +14,11 @@ Example:
     True
 """
 
-from .batches import calibrate, default_forward
 from .conv import LowRankConv1d, LowRankConv2d
 from .convert import convert
 from .finetune import finetune_, merge_
 from .linear import LowRankLinear
+from .model import calibrate, default_forward
 from .options import METHODS
 from .recover import compress, recover_
 from .report import LayerReport, Report

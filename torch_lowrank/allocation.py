@@ -1,10 +1,10 @@
 """Ranks for all layers at once under one budget, from their data-driven spectra.
 
-The error of keeping rank ``r`` of a layer is the tail of its output-covariance spectrum (DESIGN
-section 2), so the summed normalised error ``sum_j tail_j(r_j) / total_j`` is separable across
-layers, and every extra unit of rank removes ``lambda_j[r] / total_j`` of it for a fixed price:
-``g (m + n)`` parameters (``g`` groups), or that times the output positions for a
-multiply-accumulate budget. The eigenvalues fall, so each layer's gains per unit of price fall
+The error of keeping rank ``r`` of a layer is the tail of its output-covariance spectrum
+(``docs/methods.md``), so the summed normalised error ``sum_j tail_j(r_j) / total_j`` is
+separable across layers, and every extra unit of rank removes ``lambda_j[r] / total_j`` of it
+for a fixed price: ``g (m + n)`` parameters (``g`` groups), or that times the output positions
+for a multiply-accumulate budget. The eigenvalues fall, so each layer's gains per unit of price fall
 too, and a greedy water-filling that always buys the best remaining gain per price is the optimum
 of the problem with fractional ranks; with whole ranks it may leave at most one purchase per
 layer unmade (a knapsack remainder), which the tests bound against brute force.

@@ -31,10 +31,9 @@ from torch.utils.hooks import RemovableHandle
 from . import solvers
 from .activations import Activation, resolve_activation
 from .cross import CrossStats
-from .export import layer_problem
 from .hooks import Hook, HookLedger
 from .observer import BatchGate, Observation, Observer
-from .plans import layer_row
+from .plans import layer_problem, layer_row
 from .problem import LayerProblem, solve
 from .ranks import target_rank
 from .report import LayerReport
@@ -293,9 +292,10 @@ class LowRankModule(nn.Module):
         rank: int | None = None,
         observation: Observation | None = None,
         paired: list[tuple[CrossStats, Reservoir | None]] | None = None,
+        samples: bool = True,
     ) -> LayerProblem:
         """The layer's recovery problem as frozen tensors, for
-        :func:`~torch_lowrank.problem.solve` (see :func:`~torch_lowrank.export.layer_problem`
+        :func:`~torch_lowrank.problem.solve` (see :func:`~torch_lowrank.plans.layer_problem`
         for the arguments).
 
         Example:
@@ -305,7 +305,9 @@ class LowRankModule(nn.Module):
             >>> layer.problem().seen, layer.problem().shape
             (16, (4, 8))
         """
-        return layer_problem(self, fold=fold, rank=rank, observation=observation, paired=paired)
+        return layer_problem(
+            self, fold=fold, rank=rank, observation=observation, paired=paired, samples=samples
+        )
 
     def install_(
         self,
@@ -354,7 +356,8 @@ class LowRankModule(nn.Module):
             (2, False)
         """
         start = time.perf_counter()
-        factors = solve(self.problem(), method, {**(options or {}), **kwargs})
+        problem = self.problem(samples=method in ("relu", "nuclear"))
+        factors = solve(problem, method, {**(options or {}), **kwargs})
         layers = self.factor_layers(factors)
         row = layer_row(self, factors, method, time.perf_counter() - start)
         self.install_(factors, layers)

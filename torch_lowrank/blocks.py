@@ -234,8 +234,9 @@ def find_chains(
         for (_, container, _), records in zip(candidates, calls):
             for child, record in zip(container, records):
                 before, after = hooks(record)
-                handles.append(child.register_forward_pre_hook(before, with_kwargs=True))
-                handles.append(child.register_forward_hook(after, with_kwargs=True))
+                # nn.Module's registration: a low-rank child records only its user's hooks
+                handles.append(nn.Module.register_forward_pre_hook(child, before, with_kwargs=True))
+                handles.append(nn.Module.register_forward_hook(child, after, with_kwargs=True))
         forward_fn(model, batch)
     finally:
         for handle in handles:
@@ -308,7 +309,8 @@ class BlockCache:
             raise _Stop
 
         self.entries, self.chain, self.index = [], chain, 0
-        handle = chain.container[0].register_forward_pre_hook(stop, with_kwargs=True)
+        first = chain.container[0]
+        handle = nn.Module.register_forward_pre_hook(first, stop, with_kwargs=True)
         try:
             for batch in self.data:
                 entry = {}

@@ -1,7 +1,7 @@
 """``LowRankConv1d`` and ``LowRankConv2d``: low-rank drop-in replacements for convolutions.
 
 A conv with weight ``C_out x C_in x kh x kw`` is the matrix ``C_out x (C_in kh kw)`` acting on
-every receptive-field patch (DESIGN section 1), so every output position is one sample row. The
+every receptive-field patch (``docs/methods.md``), so every output position is one sample row. The
 recovered module is a ``C_in -> r`` conv with the original kernel size, stride, padding, padding
 mode and dilation, followed by a ``1 x 1`` conv ``r -> C_out`` with the bias.
 
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import solvers
 from .base import LowRankModule
-from .layers import new_parameter
+from .linear import new_parameter
 from .patches import out_size, patch_rows, patches_at
 from .ranks import target_rank
 

@@ -32,13 +32,13 @@ from .conv import LowRankConv1d, LowRankConv2d
 from .detect import FirstForwardDetector
 from .families import DEFAULT_EXCLUDE, adapt, tied_weights
 from .linear import LowRankLinear
-from .observer import BatchGate
+from .model import low_rank_modules, module_names, replace_everywhere
+from .observer import BatchGate, ModelHooks
 from .ranks import target_rank
 from .report import LayerReport
-from .settings import GlobalAllocation, ModelHooks, Settings
-from .swap import module_names, replace_everywhere
+from .settings import GlobalAllocation, Settings
 
-__all__ = ["REPLACEMENTS", "convert", "dense_row", "low_rank_modules", "revert"]
+__all__ = ["REPLACEMENTS", "convert", "dense_row", "revert"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +71,6 @@ def dense_row(name: str, module: nn.Module, note: str) -> LayerReport:
     return LayerReport(
         name, tuple(adapt(module).weight.shape), None, params, params, 0.0, "dense", 0.0, note
     )
-
-
-def low_rank_modules(model: nn.Module) -> dict[nn.Module, list[str]]:
-    """Every low-rank module of ``model`` with all the names it is reachable under.
-
-    Example:
-        >>> model = nn.Sequential(LowRankLinear(8, 8, rank=2), nn.ReLU())
-        >>> list(low_rank_modules(model).values())
-        [['0']]
-    """
-    return {m: names for m, names in module_names(model).items() if isinstance(m, LowRankModule)}
 
 
 @dataclass(frozen=True)

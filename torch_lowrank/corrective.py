@@ -1,4 +1,4 @@
-"""Corrective recovery: every layer repairs the error of the layers before it (DESIGN section 2).
+"""Corrective recovery: every layer repairs the error of the layers before it (``docs/methods.md``).
 
 Each layer is solved with the compressed network's own input ``x~`` and the original network's
 target ``W x + b``. Layers are solved wave by wave in the order they execute; for every wave the
@@ -31,13 +31,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batchnorm import FoldedBatchNorm
+from .activations import FoldedBatchNorm
 from .blocks import BlockCache, find_chains
 from .cross import CrossStats
+from .model import module_names
 from .options import Options
 from .plans import Plan, plan_layer
 from .reservoir import Reservoir
-from .swap import module_names
 
 __all__ = ["schedule", "corrective_plans"]
 
@@ -48,7 +48,8 @@ def _capture(modules: Iterable[nn.Module], store: dict[nn.Module, list[Tensor]])
     def hook(module: nn.Module, args: tuple) -> None:
         store[module].append(args[0].detach())
 
-    return [module.register_forward_pre_hook(hook) for module in modules]
+    # The library's own hooks: nn.Module's registration, not the one that records user hooks.
+    return [nn.Module.register_forward_pre_hook(module, hook) for module in modules]
 
 
 @torch.no_grad()
@@ -72,7 +73,7 @@ def schedule(
         if all(module is not seen for seen, _ in order):
             order.append((module, args[0]))
 
-    handles = [module.register_forward_pre_hook(hook) for module in modules]
+    handles = [nn.Module.register_forward_pre_hook(module, hook) for module in modules]
     try:
         forward_fn(model, batch)
     finally:

@@ -1,4 +1,4 @@
-"""Streaming paired statistics for corrective recovery (DESIGN section 2).
+"""Streaming paired statistics for corrective recovery (``docs/methods.md``).
 
 :class:`CrossStats` keeps the moments of paired rows ``(x~, x)``: the compressed network's and
 the original network's inputs to one layer on the same samples. Each side is a
@@ -21,7 +21,7 @@ __all__ = ["CrossStats"]
 
 class CrossStats:
     r"""Streaming moments of paired rows ``(x~, x)``: what the compressed network and the original
-    network feed one layer on the same samples (corrective recovery, DESIGN section 2).
+    network feed one layer on the same samples (corrective recovery, ``docs/corrective.md``).
 
     Keeps the count, ``sum x~``, ``sum x``, ``sum x~ x~^T``, ``sum x~ x^T`` and ``sum x x^T``
     (each about a shift, float64, on the rows' device or on ``store``). All are sums, so

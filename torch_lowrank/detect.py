@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .activations import ACTIVATIONS, Activation, leaky, module_activation
-from .batchnorm import BATCHNORMS
+from .activations import ACTIVATIONS, BATCHNORMS, Activation, leaky, module_activation
 
 __all__ = ["FirstForwardDetector", "paused", "settle_activations", "static_activations"]
 
@@ -256,7 +255,8 @@ class FirstForwardDetector:
             model.register_forward_pre_hook(self._begin),
             model.register_forward_hook(self._end, always_call=True),
         ]
-        self._handles += [layer.register_forward_hook(self._watch) for layer in layers]
+        # nn.Module's registration: a low-rank layer records only its user's hooks
+        self._handles += [nn.Module.register_forward_hook(m, self._watch) for m in layers]
 
     @property
     def done(self) -> bool:

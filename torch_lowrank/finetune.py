@@ -17,10 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LowRankModule
-from .batches import default_forward, progress_bar
-from .convert import low_rank_modules
+from .model import default_forward, low_rank_modules, progress_bar, replace_everywhere
 from .options import optimizer_class
-from .swap import replace_everywhere
 
 __all__ = ["finetune_", "merge_"]
 

@@ -1,6 +1,6 @@
 """ReLU-aware low-rank recovery with a nuclear-norm penalty: the rank falls out of ``lam``.
 
-DESIGN section 2 (``nuclear``). :func:`nuclear` minimises ``f_relu + lam ||Z||_*``, where
+``docs/methods.md`` (``nuclear``). :func:`nuclear` minimises ``f_relu + lam ||Z||_*``, where
 ``f_relu`` is the convex objective of Theorem 3 (see :mod:`torch_lowrank.projected`), by proximal
 gradient: a gradient step of size ``1/L`` then singular-value soft thresholding, with ``lam``
 given or bisected for a rank. The problem, the loop (backtracking on ``L``, best iterate kept,

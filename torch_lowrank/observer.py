@@ -36,7 +36,7 @@ from .detect import paused
 from .reservoir import Reservoir
 from .stats import CovarianceStats
 
-__all__ = ["BatchGate", "Observation", "Observer"]
+__all__ = ["BatchGate", "ModelHooks", "Observation", "Observer"]
 
 SPACES = ("input", "output")
 
@@ -253,3 +253,28 @@ class BatchGate:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class ModelHooks:
+    """The hooks a conversion puts on the model: the batch gate
+    (:class:`~torch_lowrank.observer.BatchGate`) and the activation detector waiting for the
+    first forward (:class:`~torch_lowrank.detect.FirstForwardDetector`), removed together."""
+
+    def __init__(self, gate: Any = None, detector: Any = None) -> None:
+        self.gate = gate
+        self.detector = detector
+
+    def abort(self) -> None:
+        """After a forward that did not finish: drop what it showed and end an observation
+        of activations in progress (its mode would otherwise stay on the stack)."""
+        if self.gate is not None:
+            self.gate.discard()
+        if self.detector is not None:
+            self.detector.abort()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        self.abort()
+        for hooks in (self.gate, self.detector):
+            if hooks is not None:
+                hooks.remove()

@@ -1,6 +1,6 @@
 """Activation-aware low-rank recovery by projected gradient: the objective and its minimiser.
 
-DESIGN section 2 (``relu``); Zhang & Saab, arXiv 2502.02766, Theorem 3. A layer
+``docs/methods.md`` (``relu``); Zhang & Saab, arXiv 2502.02766, Theorem 3. A layer
 ``y = W x + b`` followed by an activation becomes ``a = Z x + c``, ``rank Z <= r``, fitted on
 sample rows ``x`` (a :class:`~torch_lowrank.reservoir.Reservoir`) with targets ``t = act(y)``:
 

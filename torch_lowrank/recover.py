@@ -22,13 +22,22 @@ import torch
 from torch import nn
 
 from . import distributed
+from .activations import FoldedBatchNorm, batchnorm_places
 from .allocation import LayerBudget, allocate
 from .base import LowRankModule
-from .batches import calibrate, default_forward, eval_mode, progress_bar, settings_of
-from .batchnorm import FoldedBatchNorm, batchnorm_places
-from .convert import convert, dense_row, low_rank_modules, revert
-from .corrective import corrective_plans, device_of, held_bytes, solve_cost
+from .convert import convert, dense_row, revert
+from .corrective import corrective_plans, device_of, solve_cost
 from .detect import settle_activations
+from .model import (
+    calibrate,
+    default_forward,
+    eval_mode,
+    low_rank_modules,
+    module_names,
+    progress_bar,
+    replace_everywhere,
+    settings_of,
+)
 from .observer import Observation
 from .options import Options, make_options
 from .plans import Plan, layer_row, plan_layer
@@ -36,7 +45,6 @@ from .problem import spectrum
 from .report import LayerReport, Report
 from .reservoir import Reservoir
 from .stats import CovarianceStats
-from .swap import module_names, replace_everywhere
 
 __all__ = ["recover_", "compress"]
 
@@ -89,7 +97,7 @@ def _global_ranks(
             m, n = module.matrix_shape
             name = found[module][0]
             if waiting:
-                problem = module.problem(fold=bool(fold[module]), observation=seen)
+                problem = module.problem(fold=bool(fold[module]), observation=seen, samples=False)
                 values = spectrum(problem)
                 low, high = spec.min_rank, spec.max_rank
                 pending[name] = module
@@ -181,7 +189,7 @@ def recover_(
     module that saw no calibration data goes back to its original dense layer (with a warning),
     as does a layer whose chosen rank would save nothing. Layers ``convert`` left dense are
     listed too. An eval BatchNorm found between a layer and its activation is folded into the
-    layer and replaced by a :class:`~torch_lowrank.batchnorm.FoldedBatchNorm`.
+    layer and replaced by a :class:`~torch_lowrank.activations.FoldedBatchNorm`.
 
     Args:
         model: a model prepared by :func:`convert` and run on calibration data.
@@ -232,7 +240,7 @@ def recover_(
             settings.hooks.detector.remove()
     settle_activations(model, {names[0]: m for m, names in found.items()})
     all_names = module_names(model)
-    fold = {module: batchnorm_places(model, module.folded_batchnorm, all_names) for module in found}
+    fold = {m: batchnorm_places(model, m.folded_batchnorm, all_names) for m in found}
 
     # Phase 1: solve everything; nothing in the model changes here.
     with eval_mode(model):
@@ -251,7 +259,7 @@ def recover_(
         else:
             plans = _parallel_plans(solve_now, method, fold, opts, ranks, observed, progress)
             info = {"mode": "parallel", "seconds": time.perf_counter() - start}
-            info["peak_stat_bytes"] = sum(held_bytes(m) for m in found)
+            info["peak_stat_bytes"] = sum(observed[m].nbytes for m in found)
     if distributed.active():
         info["world_size"] = torch.distributed.get_world_size()
         solved_on = [p.factors[0].info.get("solved_on_rank") for p in plans.values() if p.factors]

@@ -6,22 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["LayerReport", "Report", "relative_error"]
-
-
-def relative_error(error: float, variance: float) -> float:
-    """``error / variance``, the fraction of the output variance lost; ``nan`` when unknown,
-    or when there is no variance to lose (constant outputs) but some error.
-
-    Example:
-        >>> relative_error(1.0, 4.0), relative_error(0.0, 0.0)
-        (0.25, 0.0)
-    """
-    if math.isnan(error) or math.isnan(variance):
-        return math.nan
-    if variance <= 0.0:
-        return 0.0 if error <= 0.0 else math.nan
-    return error / variance
+__all__ = ["LayerReport", "Report"]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A bounded uniform random sample of the rows a layer sees.
 
-The activation-aware objectives of DESIGN section 2 (the ReLU objective of Zhang & Saab,
+The activation-aware objectives of ``docs/methods.md`` (the ReLU objective of Zhang & Saab,
 arXiv 2502.02766, Theorem 3) need sample rows, not only the covariance, so every layer keeps a
 reservoir of at most ``capacity`` of its input rows, sampled uniformly without replacement from
 everything it was fed.

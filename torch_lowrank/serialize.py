@@ -15,10 +15,10 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from .batchnorm import BATCHNORMS, FoldedBatchNorm
+from .activations import BATCHNORMS, FoldedBatchNorm
 from .convert import REPLACEMENTS
 from .linear import LowRankLinear
-from .swap import module_names, replace_everywhere
+from .model import module_names, replace_everywhere
 
 __all__ = ["load_state_dict"]
 

@@ -5,7 +5,7 @@ folded, how ranks are allocated globally, which layers it left dense and why. It
 :class:`Settings` that every module it converted holds (``module.settings``), so that
 :func:`~torch_lowrank.recover_` finds them on the modules themselves: no registry keyed by model,
 nothing stored on the user's model. The model-level hooks of the conversion (the batch gate and
-the activation detector) travel with it in :class:`ModelHooks`.
+the activation detector) travel with it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from .report import LayerReport
 
-__all__ = ["GlobalAllocation", "ModelHooks", "Settings"]
+__all__ = ["GlobalAllocation", "Settings"]
 
 BUDGETS = ("params", "flops")
 
@@ -81,31 +81,6 @@ class GlobalAllocation:
         }
 
 
-class ModelHooks:
-    """The hooks a conversion puts on the model: the batch gate
-    (:class:`~torch_lowrank.observer.BatchGate`) and the activation detector waiting for the
-    first forward (:class:`~torch_lowrank.detect.FirstForwardDetector`), removed together."""
-
-    def __init__(self, gate: Any = None, detector: Any = None) -> None:
-        self.gate = gate
-        self.detector = detector
-
-    def abort(self) -> None:
-        """After a forward that did not finish: drop what it showed and end an observation
-        of activations in progress (its mode would otherwise stay on the stack)."""
-        if self.gate is not None:
-            self.gate.discard()
-        if self.detector is not None:
-            self.detector.abort()
-
-    def remove(self) -> None:
-        """Remove every hook (idempotent)."""
-        self.abort()
-        for hooks in (self.gate, self.detector):
-            if hooks is not None:
-                hooks.remove()
-
-
 @dataclass(frozen=True)
 class Settings:
     """What :func:`~torch_lowrank.convert` decided for the whole model.
@@ -114,10 +89,11 @@ class Settings:
         fold_batchnorm: fold an eval BatchNorm between a layer and its activation.
         allocation: global allocation, or ``None`` (each layer has its own rank).
         skipped: report rows of the layers left dense, with the reason.
-        hooks: the model-level hooks of the conversion.
+        hooks: the model-level hooks of the conversion
+            (:class:`~torch_lowrank.observer.ModelHooks`).
     """
 
     fold_batchnorm: bool = True
     allocation: GlobalAllocation | None = None
     skipped: tuple[LayerReport, ...] = ()
-    hooks: ModelHooks = field(default_factory=ModelHooks, compare=False, repr=False)
+    hooks: Any = field(default=None, compare=False, repr=False)

@@ -6,14 +6,11 @@ A layer is the matrix ``W`` (m x n, out x in) and bias ``b``; a conv is its weig
 
 * :func:`svd` — truncated SVD of ``W``: the data-agnostic baseline.
 * :func:`linear` — the exact optimum of ``min_{rank Z <= r, c} E || (W x + b) - (Z x + c) ||^2``
-  (DESIGN section 2; Zhang & Saab, arXiv 2502.02766): ``P_r`` = top-r eigenvectors of the output
+  (``docs/methods.md``; Zhang & Saab, arXiv 2502.02766): ``P_r`` = top-r eigenvectors of the output
   covariance ``W C W^T``, ``Z = P_r P_r^T W``, ``c = b + (W - Z) mu``. Its error is the
   eigenvalue tail. It never inverts or Cholesky-factors ``C``, so a singular ``C`` is fine.
-* :func:`linear_from_outputs` — the same optimum from the moments of the products ``W x``
-  themselves (``m x m``), which is all it needs: what a layer that narrows (``m < n``) collects,
-  because ``N m^2`` costs less than ``N n^2`` during calibration.
-
-Everything is computed in float64 on the device of the weight.
+* :func:`linear_from_outputs` — the same optimum from the moments of ``W x`` (``m x m``), what a
+  layer that narrows (``m < n``) collects. Everything is in float64 on the weight's device.
 """
 
 from __future__ import annotations
@@ -24,10 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .report import relative_error
-
 __all__ = [
     "Factors",
+    "relative_error",
     "select_rank",
     "svd",
     "linear",
@@ -71,15 +67,27 @@ class Factors:
         return relative_error(self.error, self.variance)
 
 
+def relative_error(error: float, variance: float) -> float:
+    """``error / variance``, the fraction of the output variance lost; ``nan`` when unknown or
+    undefined (some error, but no variance: constant outputs), never ``inf``.
+
+    Example:
+        >>> relative_error(1.0, 4.0), relative_error(0.0, 0.0)
+        (0.25, 0.0)
+    """
+    if math.isnan(error) or math.isnan(variance) or (variance <= 0.0 < error):
+        return math.nan
+    return 0.0 if variance <= 0.0 else error / variance
+
+
 def select_rank(spectrum: Tensor, rank: int | None = None, energy: float | None = None) -> int:
     """The rank to keep: ``rank`` itself, or the smallest rank whose leading eigenvalues hold
     at least ``energy`` of the total.
 
     Example:
-        >>> select_rank(torch.tensor([8.0, 1.0, 1.0]), energy=0.8)
-        1
-        >>> select_rank(torch.tensor([8.0, 1.0, 1.0]), energy=0.85)
-        2
+        >>> select_rank(torch.tensor([8.0, 1.0, 1.0]), energy=0.8), select_rank(
+        ...     torch.tensor([8.0, 1.0, 1.0]), energy=0.85)
+        (1, 2)
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank or energy")
@@ -130,10 +138,8 @@ def output_error(
     mean: Tensor,
     cov: Tensor,
 ) -> float:
-    """``E || (W x + b) - (up down x + c) ||^2`` for inputs of the given mean and covariance.
-
-    With ``D = W - up down`` this is ``tr(D C D^T) + || D mu + b - c ||^2``.
-    """
+    """``E || (W x + b) - (up down x + c) ||^2`` for inputs of the given mean and covariance:
+    with ``D = W - up down``, ``tr(D C D^T) + || D mu + b - c ||^2``."""
     W = weight.detach().to(torch.float64)
     D = W - factors_up @ factors_down
     offset = D @ mean
@@ -154,10 +160,8 @@ def svd(
     *,
     outputs: bool = False,
 ) -> Factors:
-    """Truncated SVD of the weight (data-agnostic); the bias is kept as it is.
-
-    ``mean``/``cov`` are optional and only used to report the error on calibration data: the
-    moments of the inputs ``x``, or with ``outputs=True`` those of the products ``W x``.
+    """Truncated SVD of the weight (data-agnostic); the bias is kept as it is. ``mean``/``cov``
+    only serve to report the error: moments of ``x``, or of ``W x`` with ``outputs=True``.
 
     Example:
         >>> w = torch.randn(6, 4, dtype=torch.float64)
@@ -195,7 +199,7 @@ def linear(
     energy: float | None = None,
     add_bias: bool = True,
 ) -> Factors:
-    r"""The exact data-driven optimum of DESIGN section 2.
+    r"""The exact data-driven optimum of ``docs/methods.md``.
 
     Solves :math:`\min_{\mathrm{rank}\,Z \le r,\ c} E\,\|(Wx + b) - (Zx + c)\|^2` over inputs of
     mean ``mean`` and covariance ``cov``. The optimum projects ``W`` on the top-r eigenvectors
@@ -326,7 +330,7 @@ def corrective(
     damping: float = 1e-2,
 ) -> Factors:
     r"""Corrective recovery: reduced-rank regression from the compressed network's input ``x~``
-    to the original layer's output ``W x + b`` (DESIGN section 2).
+    to the original layer's output ``W x + b`` (``docs/methods.md``).
 
     Solves :math:`\min_{\mathrm{rank}\,Z \le r,\ c} E\,\|(Z\tilde x + c) - (Wx + b)\|^2`.
     First the least-squares map from ``x~`` to the target, damped towards the original weight:

@@ -1,7 +1,12 @@
-"""Running calibration batches: how one batch reaches the model, and :func:`calibrate`.
+"""The model as the pipeline sees it: its low-rank modules by name, swapping one module for
+another at every name it has, eval mode for a pass, and running calibration batches.
+
+A module can be reachable under several names (a layer shared by two parents, a model whose
+``forward`` reuses a block); swapping it must replace it everywhere, and the parent is found by
+qualified name and the child replaced with ``setattr`` (as torchao's ``quantize_`` does).
 
 Every pass the library makes over calibration data runs the model in eval mode without
-gradients and gives the caller's train/eval modes back afterwards (:func:`eval_mode`), so a
+gradients and gives each module's own train/eval mode back afterwards (:func:`eval_mode`), so a
 model left in train mode compresses exactly as the same model in eval mode, and its BatchNorm
 statistics and dropout state are never touched.
 """
@@ -17,20 +22,93 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .base import LowRankModule
 from .families import forward_kwargs
 
-__all__ = ["calibrate", "default_forward", "eval_mode", "progress_bar", "settings_of"]
+__all__ = [
+    "calibrate",
+    "default_forward",
+    "eval_mode",
+    "low_rank_modules",
+    "module_names",
+    "progress_bar",
+    "replace",
+    "replace_everywhere",
+    "run_batch",
+    "settings_of",
+]
 
 
-def progress_bar(items: Iterable, what: str, enabled: bool) -> Iterable:
-    """``items`` with a tqdm progress bar: shown on an interactive terminal when ``enabled``.
+def module_names(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Every module of ``model`` with all the qualified names it is reachable under.
 
     Example:
-        >>> list(progress_bar([1, 2], "counting", enabled=False))
-        [1, 2]
+        >>> shared = nn.Linear(2, 2)
+        >>> model = nn.Sequential(shared, nn.ReLU(), shared)
+        >>> module_names(model)[shared]
+        ['0', '2']
     """
-    total = len(items) if hasattr(items, "__len__") else None
-    return tqdm(items, desc=what, total=total, disable=None if enabled else True, leave=False)
+    names: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(module, []).append(name)
+    return names
+
+
+def replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Set ``new`` as the submodule ``name`` (a non-empty qualified name) of ``model``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> replace(model, "0", nn.Identity())
+        >>> type(model[0]).__name__
+        'Identity'
+    """
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def replace_everywhere(model: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
+    """Set ``new`` at every name in ``names``; returns the new root (``new`` itself when one
+    of the names is ``""``, the model), else ``model``.
+
+    Example:
+        >>> shared = nn.Linear(2, 2)
+        >>> model = nn.Sequential(shared, shared)
+        >>> root = replace_everywhere(model, ["0", "1"], nn.Identity())
+        >>> [type(m).__name__ for m in root]
+        ['Identity', 'Identity']
+    """
+    root = model
+    for name in names:
+        if name:
+            replace(model, name, new)
+        else:
+            root = new
+    return root
+
+
+def low_rank_modules(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Every low-rank module of ``model`` with all the names it is reachable under.
+
+    Example:
+        >>> from torch_lowrank import LowRankLinear
+        >>> model = nn.Sequential(LowRankLinear(8, 8, rank=2), nn.ReLU())
+        >>> list(low_rank_modules(model).values())
+        [['0']]
+    """
+    return {m: names for m, names in module_names(model).items() if isinstance(m, LowRankModule)}
+
+
+def settings_of(model: nn.Module) -> list:
+    """The distinct :class:`~torch_lowrank.settings.Settings` of the calibrating low-rank
+    modules of ``model`` (one per :func:`~torch_lowrank.convert` call that touched it)."""
+    found: list = []
+    for module in model.modules():
+        settings = getattr(module, "settings", None)
+        calibrating = getattr(module, "calibrating", False)
+        if calibrating and settings is not None and all(settings is not s for s in found):
+            found.append(settings)
+    return found
 
 
 @contextlib.contextmanager
@@ -54,6 +132,17 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def progress_bar(items: Iterable, what: str, enabled: bool) -> Iterable:
+    """``items`` with a tqdm progress bar: shown on an interactive terminal when ``enabled``.
+
+    Example:
+        >>> list(progress_bar([1, 2], "counting", enabled=False))
+        [1, 2]
+    """
+    total = len(items) if hasattr(items, "__len__") else None
+    return tqdm(items, desc=what, total=total, disable=None if enabled else True, leave=False)
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -86,18 +175,6 @@ def _run_batch(model: nn.Module, batch: Any, device: torch.device | None, extra:
     if isinstance(batch, (tuple, list)):
         return model(_move(batch[0], device), **extra)
     return model(_move(batch, device), **extra)
-
-
-def settings_of(model: nn.Module) -> list:
-    """The distinct :class:`~torch_lowrank.settings.Settings` of the calibrating low-rank
-    modules of ``model`` (one per :func:`~torch_lowrank.convert` call that touched it)."""
-    found: list = []
-    for module in model.modules():
-        settings = getattr(module, "settings", None)
-        calibrating = getattr(module, "calibrating", False)
-        if calibrating and settings is not None and all(settings is not s for s in found):
-            found.append(settings)
-    return found
 
 
 def calibrate(
