@@ -186,8 +186,9 @@ def convert(
     for pattern, fixed in (overrides or {}).items():
         target_rank((1 << 20, 1 << 20), fixed, None, None, f"convert: overrides[{pattern!r}]")
     choices, skipped = _choose(
-        model, rank, ratio, energy, include, exclude, overrides or {}, activation, allocation_spec
-    )
+        model, rank, ratio, energy, include, exclude, overrides or {}, activation,
+        allocation_spec, add_bias,
+    )  # fmt: skip
     # Nothing has changed so far; from here on, only new modules and assignments.
     hooks = ModelHooks()
     settings = Settings(fold_batchnorm, allocation_spec, tuple(skipped), hooks)
@@ -232,6 +233,7 @@ def _choose(
     overrides: dict[str, int],
     activation: Any,
     allocation: GlobalAllocation | None,
+    add_bias: bool,
 ) -> tuple[list[_Choice], list[LayerReport]]:
     """Decide which layers to convert and at what rank, without changing anything."""
     inside: list[str] = []  # prefixes of existing low-rank modules: never convert their children
@@ -276,7 +278,8 @@ def _choose(
             skipped.append(dense_row(name, module, str(err).splitlines()[0].split(": ", 1)[-1]))
             continue
         smallest = 1 if r is None else r
-        if smallest * (m + n) >= m * n:
+        added = m if add_bias and standard.bias is None else 0  # a bias the factors would add
+        if smallest * (m + n) + added >= m * n:
             skipped.append(dense_row(name, module, f"rank {smallest} saves no parameters"))
             continue
         allocated = allocation is not None and fixed is None  # rank chosen at recovery

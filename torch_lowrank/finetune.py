@@ -261,8 +261,11 @@ def merge_(model: nn.Module) -> nn.Module:
     Each module becomes its :meth:`~torch_lowrank.LowRankLinear.to_dense` layer (an
     ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` holding the product of the factors) at every
     name it is reachable under, on the same device, in the same dtype, with the same train/eval
-    mode; its weight requires grad when a factor did, its bias when ``up.bias`` did. Modules still
-    calibrating are left alone. Hooks registered on a low-rank module do not carry over.
+    mode; its weight requires grad when a factor did, its bias when ``up.bias`` did. Forward hooks
+    and pre-hooks registered on a low-rank module are registered on its dense layer too.
+
+    Raises:
+        RuntimeError: a low-rank module is still calibrating (named); nothing is merged.
 
     Returns:
         ``model``, or the dense layer when ``model`` itself is a recovered low-rank module.

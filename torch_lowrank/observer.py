@@ -155,8 +155,8 @@ class Observer:
 
     # -- hooks -----------------------------------------------------------------------------------
     def _on_input(self, module: nn.Module, args: tuple) -> None:
+        self.module.check_input(args[0])  # a clear error naming the layer, even when disabled
         if self.enabled:
-            self.module.check_input(args[0])
             self._take("input", args[0])
 
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> None:
