@@ -100,9 +100,7 @@ class LowRankModule(nn.Module):
             resolved = target_rank(shape, rank, ratio, energy, label, cls.describe(dense))
         auto = activation == "auto"
         found = None if auto else resolve_activation(activation, label)
-        module = cls._empty_like(dense, resolved or 1)
-        for child in ("down", "up"):
-            delattr(module, child)
+        module = cls._shell(dense)  # the geometry of ``dense``, no factors yet
         module.dense = dense
         if original is not None and original is not dense:
             module.__dict__["source"] = original  # a plain attribute: not a submodule
@@ -136,9 +134,9 @@ class LowRankModule(nn.Module):
         return f"{m} x {n} weight"
 
     @classmethod
-    def _empty_like(cls, dense: nn.Module, rank: int):
-        """A recovered module with the geometry of ``dense`` and factors of ``rank`` on the
-        meta device."""
+    def _shell(cls, dense: nn.Module):
+        """A bare module with the geometry of ``dense`` (sizes, kernel, stride, ...) and nothing
+        else: :meth:`from_dense` makes it a calibrating module."""
         raise NotImplementedError
 
     def _start_recovered(self, rank: int, add_bias: bool) -> None:

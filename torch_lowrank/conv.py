@@ -67,21 +67,10 @@ class _LowRankConv(LowRankModule):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        name = type(self).__name__
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"{name}: in_channels and out_channels must be divisible by groups\n"
-                f"but got {in_channels}, {out_channels} and groups={groups}"
-            )
-        d = self._dims
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, d)
-        self.stride = _pair(stride, d)
-        self.padding = padding if isinstance(padding, str) else _pair(padding, d)
-        self.dilation = _pair(dilation, d)
-        self.groups = groups
-        self.padding_mode = padding_mode
-        target_rank(self.matrix_shape, rank, None, None, name)
+        self._set_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
+        target_rank(self.matrix_shape, rank, None, None, type(self).__name__)
         self._start_recovered(rank, bias)
         conv, kw = self._dense_type, {"device": device, "dtype": dtype}
         self.down = conv(
@@ -103,13 +92,32 @@ class _LowRankConv(LowRankModule):
         per_group = " per group" if conv.groups > 1 else ""
         return f"{tuple(conv.weight.shape)} weight ({m} x {n} as a matrix{per_group})"
 
+    def _set_geometry(
+        self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, mode
+    ) -> None:
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"{type(self).__name__}: in_channels and out_channels must be divisible by "
+                f"groups\nbut got {in_channels}, {out_channels} and groups={groups}"
+            )
+        d = self._dims
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size, d)
+        self.stride = _pair(stride, d)
+        self.padding = padding if isinstance(padding, str) else _pair(padding, d)
+        self.dilation = _pair(dilation, d)
+        self.groups = groups
+        self.padding_mode = mode
+
     @classmethod
-    def _empty_like(cls, conv: nn.Module, rank: int) -> _LowRankConv:
-        return cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride,
-            conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            device="meta",
+    def _shell(cls, conv: nn.Module) -> _LowRankConv:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._set_geometry(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.padding_mode,
         )  # fmt: skip
+        return module
 
     @property
     def matrix_shape(self) -> tuple[int, int]:

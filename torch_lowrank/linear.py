@@ -145,8 +145,11 @@ class LowRankLinear(LowRankModule):
         )
 
     @classmethod
-    def _empty_like(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
-        return cls(linear.in_features, linear.out_features, rank, device="meta")
+    def _shell(cls, linear: nn.Linear) -> LowRankLinear:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        return module
 
     @classmethod
     def matrix_shape_of(cls, linear: nn.Linear) -> tuple[int, int]:
