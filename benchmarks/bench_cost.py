@@ -46,7 +46,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import torch_lowrank as tl
 from benchmarks import baselines
-from benchmarks.bench_quality import WORKLOADS, build
+from benchmarks.bench_quality import WORKLOADS, build, method_options
 from benchmarks.models import NUM_THREADS
 from torch_lowrank import solvers
 
@@ -285,7 +285,8 @@ def memory(quick: bool = False) -> dict:
         def ours(method, corrective, w=w, opts=opts):
             torch.manual_seed(0)
             tl.compress(copy.deepcopy(w.model), w.data, ratio=RATIO, method=method,
-                        corrective=corrective, samples=w.settings["samples"], options=opts,
+                        corrective=corrective, samples=w.settings["samples"],
+                        options=method_options(method, opts),
                         progress=False, **w.layers)  # fmt: skip
 
         def svd_llm(w=w):

@@ -59,6 +59,9 @@ METHODS = (*baselines.BASELINES, *OURS)
 # (the library default is 200), keeps 1,024 reservoir rows per layer (default 4,096) and uses
 # fewer ratios, calibration batches, test items and fine-tuning steps.
 QUICK_OPTIONS = {"max_iter": 25}
+#: The methods that take iterative solver options (``max_iter``, ``tol``, ...): the library
+#: validates options per method, so ``linear`` and ``svd`` get none.
+ITERATIVE = ("relu", "nuclear")
 FULL_RATIOS = (0.8, 0.6, 0.4, 0.25)
 SETTINGS = {
     "digits": {
@@ -139,13 +142,18 @@ def build(name: str, quick: bool) -> Workload:
     )  # fmt: skip
 
 
+def method_options(method: str, options: dict) -> dict:
+    """``options`` for the iterative methods, none for the others (they reject them)."""
+    return dict(options) if method in ITERATIVE else {}
+
+
 def _ours(w: Workload, method: str, ratio: float, corrective: bool, allocation: str = "uniform"):
     torch.manual_seed(0)
     start = time.perf_counter()
     model, report = tl.compress(
         copy.deepcopy(w.model), w.data, ratio=ratio, method=method, corrective=corrective,
-        allocation=allocation, samples=w.settings["samples"], options=w.settings["options"],
-        progress=False, **w.layers,
+        allocation=allocation, samples=w.settings["samples"],
+        options=method_options(method, w.settings["options"]), progress=False, **w.layers,
     )  # fmt: skip
     return model, report, time.perf_counter() - start
 
