@@ -37,7 +37,6 @@ from benchmarks.models import (
     trained_small_cnn,
 )
 from torch_lowrank.corrective import schedule
-from torch_lowrank.observer import Observer
 
 MODES = ("parallel", "sequential", "corrective")
 METHODS = ("linear", "relu")
@@ -51,10 +50,8 @@ def sequential(model: nn.Module, data: list, method: str, **convert_kwargs) -> n
     modules = [m for m in model.modules() if isinstance(m, (tl.LowRankLinear, tl.LowRankConv2d))]
     for wave in schedule(model, modules, data[0], tl.default_forward):
         for module in modules:
-            if module.calibrating:  # start the statistics afresh: a new observer, same settings
-                old = module.observer
-                old.close()
-                module.observer = Observer(module, old.space, old.samples, old.store, old.gate)
+            if module.calibrating:  # start the statistics afresh
+                module.observer.reset()
         tl.calibrate(model, data)
         for module in wave:
             module.recover_(method)

@@ -239,3 +239,19 @@ def test_recover_errors_leave_the_module_unchanged():
 def test_statistics_are_not_in_the_state_dict():
     layer = calibrated(nn.Linear(6, 4), rank=1)
     assert set(layer.state_dict()) == {"dense.weight", "dense.bias"}
+
+
+def test_observer_reset_forgets_what_it_saw_and_keeps_watching():
+    torch.manual_seed(5)
+    layer = calibrated(nn.Linear(16, 8), rank=3)
+    fresh = torch.randn(40, 16)
+    layer.observer.reset()
+    assert layer.samples_seen == 0 and layer.stats is None
+    layer(fresh)
+    assert layer.samples_seen == 40
+    torch.testing.assert_close(
+        layer.stats[0].mean,
+        (fresh @ layer.dense.weight.T).mean(0).double() + layer.dense.bias.double(),
+        rtol=1e-5,
+        atol=1e-5,
+    )

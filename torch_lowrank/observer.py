@@ -144,6 +144,11 @@ class Observer:
         finally:
             self.enabled = before
 
+    def reset(self) -> None:
+        """Forget everything seen so far (the hooks stay: later batches start afresh)."""
+        self._stats = self._reservoirs = None
+        self._inputs_seen = 0
+
     def close(self) -> None:
         """Remove the hooks and free the statistics (idempotent)."""
         for handle in self._handles:
