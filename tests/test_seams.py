@@ -711,3 +711,33 @@ def test_benchmark_quick_run_writes_page_into_out(tmp_path, monkeypatch):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# == Validated options, end to end =============================================================
+def test_typo_in_an_option_is_an_error_and_changes_nothing():
+    torch.manual_seed(80)
+    model = tl.convert(nn.Sequential(nn.Linear(16, 16), nn.ReLU()), rank=2)
+    tl.calibrate(model, [torch.randn(32, 16)], progress=False)
+    with pytest.raises(TypeError, match=r"unknown option 'max_itr'(.|\n)*damping"):
+        tl.recover_(model, method="linear", max_itr=5)
+    with pytest.raises(ValueError, match="damping"):
+        tl.recover_(model, method="linear", damping=float("nan"))
+    with pytest.raises(ValueError, match="lr"):
+        tl.recover_(model, method="relu", lr=0.1)  # lr without an optimizer
+    assert model[0].calibrating and model[0].samples_seen == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratio": 0.5, "overrides": {"0": 20}}, r"overrides\['0'\](.|\n)*\[1, 8\]"),
+        ({"ratio": 0.5, "allocation": "global", "min_rank": 4, "max_rank": 2}, "min_rank"),
+        ({"ratio": 0.5, "allocation": "global", "round_to": 0}, "round_to"),
+    ],
+)
+def test_bad_conversion_settings_are_errors_before_anything_changes(kwargs, match):
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    before = [id(m) for m in model]
+    with pytest.raises(ValueError, match=match):
+        tl.convert(model, **kwargs)
+    assert [id(m) for m in model] == before

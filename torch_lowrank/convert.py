@@ -267,16 +267,19 @@ def _choose(
             skipped.append(dense_row(name, module, "depthwise conv stays dense"))
             continue
         m, n = kind.matrix_shape_of(standard)
-        fixed = next((r for p, r in overrides.items() if fnmatch.fnmatchcase(name, p)), None)
-        try:
-            if fixed is not None:
-                r = target_rank((m, n), fixed, None, None, name, kind.describe(standard))
-            else:
+        pattern = next((p for p in overrides if fnmatch.fnmatchcase(name, p)), None)
+        fixed = None if pattern is None else overrides[pattern]
+        if fixed is not None:  # an override the layer cannot hold is an error, not a skip
+            label = f"convert: overrides[{pattern!r}] for {name}"
+            r = target_rank((m, n), fixed, None, None, label, kind.describe(standard))
+        else:
+            try:
                 spec_rank = rank if rank is None else min(rank, m, n)
                 r = target_rank((m, n), spec_rank, ratio, energy, name, kind.describe(standard))
-        except ValueError as err:
-            skipped.append(dense_row(name, module, str(err).splitlines()[0].split(": ", 1)[-1]))
-            continue
+            except ValueError as err:  # e.g. a ratio that leaves this layer no rank
+                note = str(err).splitlines()[0].split(": ", 1)[-1]
+                skipped.append(dense_row(name, module, note))
+                continue
         smallest = 1 if r is None else r
         added = m if add_bias and standard.bias is None else 0  # a bias the factors would add
         if smallest * (m + n) + added >= m * n:
