@@ -741,3 +741,22 @@ def test_bad_conversion_settings_are_errors_before_anything_changes(kwargs, matc
     with pytest.raises(ValueError, match=match):
         tl.convert(model, **kwargs)
     assert [id(m) for m in model] == before
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_pending_outputs_are_copied_only_when_a_consumer_may_change_them(inplace):
+    """A narrowing layer keeps statistics of its outputs; with the batch pending until the
+    model's forward returns, an in-place ReLU after it must not leak into them. The first
+    forward shows who reads the output: only readers -> no copy for later batches."""
+    torch.manual_seed(81)
+    model = nn.Sequential(nn.Linear(32, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 4))
+    weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    tl.convert(model, rank=2, exclude=["2"])
+    batches = [torch.randn(64, 32) for _ in range(3)]
+    tl.calibrate(model, batches, progress=False)
+    assert model[0].stats_space == "output"
+    assert model[0].observer.copy_outputs is inplace
+    y = torch.cat([x @ weight.T + bias for x in batches]).double()  # pre-activation outputs
+    stats = model[0].stats[0]
+    torch.testing.assert_close(stats.mean, y.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.covariance, torch.cov(y.T, correction=0), rtol=1e-4, atol=1e-5)

@@ -48,6 +48,33 @@ _METADATA = {
 }
 
 
+# Consumers that only read a tensor (their result is a new tensor, never a view of it), with the
+# position of their ``inplace`` flag where they have one: a layer output read only by these
+# needs no copy while a calibration batch is pending (observer.BatchGate).
+_READ_ONLY = {
+    **dict.fromkeys((F.relu, F.relu6, F.silu, F.elu), 1),
+    F.leaky_relu: 2,
+    F.hardtanh: 3,
+    **dict.fromkeys(
+        (torch.relu, Tensor.relu, F.gelu, torch.tanh, Tensor.tanh, F.tanh, torch.sigmoid)
+        + (Tensor.sigmoid, F.sigmoid, F.batch_norm, F.layer_norm, F.group_norm, F.linear)
+        + (F.conv1d, F.conv2d, torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.add)
+        + (Tensor.add, Tensor.__add__, Tensor.__radd__, torch.mul, Tensor.mul, Tensor.__mul__)
+        + (Tensor.__rmul__, Tensor.__sub__, Tensor.__rsub__, Tensor.__truediv__)
+        + (F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d),
+        None,
+    ),
+}
+
+
+def _reads_only(func, args: tuple, kwargs: dict) -> bool:
+    """Whether a recorded call only reads its tensor arguments (see ``_READ_ONLY``)."""
+    if func not in _READ_ONLY or "out" in kwargs:
+        return False
+    index = _READ_ONLY[func]
+    return index is None or not _bound(args, kwargs, index, "inplace", False)
+
+
 def _bound(args: tuple, kwargs: dict, index: int, key: str, default):
     if len(args) > index:
         return args[index]
@@ -124,6 +151,16 @@ class ConsumerRecorder(TorchFunctionMode):
                 if bn is not None and not _bound(args, kwargs, 5, "training", False):
                     self._watched[id(out)] = (out, call, bn)
         return out
+
+    def read_only(self) -> dict[str, bool]:
+        """Per watched layer name, whether every consumer of its output, in every call, only
+        reads it (then the output cannot change after the layer returns)."""
+        found: dict[str, bool] = {}
+        for (name, _), uses in self._uses.items():
+            direct = [u for u in uses if u[4] is None]
+            reads = all(_reads_only(func, args, kwargs) for func, args, kwargs, _, _ in direct)
+            found[name] = found.get(name, True) and reads
+        return found
 
     def result(self) -> dict[str, Observed]:
         """Per watched layer name, what consumes its output (every call must agree)."""
@@ -280,8 +317,10 @@ class FirstForwardDetector:
         if output is None:  # the forward raised: observe the next one instead
             return
         self.remove()
-        observed = recorder.result()
+        observed, read_only = recorder.result(), recorder.read_only()
         for layer, name in self.layers.items():
+            if name in read_only and layer.observer is not None:
+                layer.observer.copy_outputs = not read_only[name]
             if layer.activation_source != "auto" or name not in observed:
                 continue
             found = observed[name]

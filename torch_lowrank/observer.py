@@ -96,6 +96,9 @@ class Observer:
         self.store = store
         self.gate = gate
         self.enabled = True
+        #: Copy outputs kept for a pending batch (the next module may change them in place);
+        #: the activation detector clears it when the first forward showed only readers.
+        self.copy_outputs = True
         self._stats: list[CovarianceStats] | None = None
         self._reservoirs: list[Reservoir] | None = None
         self._inputs_seen = 0
@@ -162,19 +165,23 @@ class Observer:
     def _on_input(self, module: nn.Module, args: tuple) -> None:
         self.module.check_input(args[0])  # a clear error naming the layer, even when disabled
         if self.enabled:
-            self._take("input", args[0])
+            with paused():  # the activation detector must not see these calls as consumers
+                self._take("input", args[0])
 
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.enabled and self._space == "output" and isinstance(output, Tensor):
-            self._take("output", output)
+            with paused():
+                self._take("output", output)
 
     def _take(self, kind: str, tensor: Tensor) -> None:
         if self.gate is None or not self.gate.is_open:
             self.add(kind, tensor)
             return
-        # An output is often changed in place by what follows (``ReLU(inplace=True)``): keep a
-        # copy. Inputs are kept as they are (the model reads them, it rarely writes them).
-        kept = tensor.detach().clone() if kind == "output" else tensor.detach()
+        # An output may be changed in place by what follows (``ReLU(inplace=True)``): keep a
+        # copy unless the first forward showed only readers. Inputs are kept as they are (the
+        # model reads them, it rarely writes them).
+        copy = kind == "output" and self.copy_outputs
+        kept = tensor.detach().clone() if copy else tensor.detach()
         self.gate.pending.append((self, kind, kept))
 
     # -- accumulation ----------------------------------------------------------------------------
