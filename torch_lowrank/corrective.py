@@ -35,6 +35,7 @@ from .activations import FoldedBatchNorm
 from .blocks import BlockCache, find_chains
 from .cross import CrossStats
 from .model import module_names
+from .observer import group_parts
 from .options import Options
 from .plans import Plan, plan_layer
 from .reservoir import Reservoir
@@ -153,11 +154,11 @@ def _accumulate_wave(
                 ]
             for x, x_tilde in zip(inputs[False][module], inputs[True][module]):
                 for rows, rows_tilde in zip(module.input_rows(x), module.input_rows(x_tilde)):
-                    for j, (cross, reservoir) in enumerate(paired[module]):
-                        part = slice(j * n, (j + 1) * n) if groups > 1 else slice(None)
-                        cross.update(rows_tilde[:, part], rows[:, part])
+                    parts = zip(group_parts(rows, n, groups), group_parts(rows_tilde, n, groups))
+                    for (cross, reservoir), (part, part_tilde) in zip(paired[module], parts):
+                        cross.update(part_tilde, part)
                         if reservoir is not None:
-                            reservoir.update(torch.cat([rows_tilde[:, part], rows[:, part]], 1))
+                            reservoir.update(torch.cat([part_tilde, part], 1))
     return paired
 
 

@@ -36,7 +36,7 @@ from .detect import paused
 from .reservoir import Reservoir
 from .stats import CovarianceStats
 
-__all__ = ["BatchGate", "ModelHooks", "Observation", "Observer"]
+__all__ = ["BatchGate", "ModelHooks", "Observation", "Observer", "group_parts"]
 
 SPACES = ("input", "output")
 
@@ -106,8 +106,6 @@ class Observer:
             nn.Module.register_forward_pre_hook(module, self._on_input),
             nn.Module.register_forward_hook(module, self._on_output),
         ]
-        if gate is not None:
-            gate.observers.append(self)
 
     # -- what it holds --------------------------------------------------------------------------
     @property
@@ -158,8 +156,6 @@ class Observer:
             handle.remove()
         self._handles = []
         self._stats = self._reservoirs = None
-        if self.gate is not None and self in self.gate.observers:
-            self.gate.observers.remove(self)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _on_input(self, module: nn.Module, args: tuple) -> None:
@@ -202,7 +198,7 @@ class Observer:
             if kind == "output":
                 self._start()
                 rows = self.module.output_rows(tensor)
-                for stats, part in zip(self._stats, _group_parts(rows, m, self.module.groups)):
+                for stats, part in zip(self._stats, group_parts(rows, m, self.module.groups)):
                     stats.update(part)
                 return
             if self._space == "output":
@@ -212,15 +208,20 @@ class Observer:
             else:
                 for rows in self.module.input_rows(tensor):
                     self._start()
-                    for j, part in enumerate(_group_parts(rows, n, self.module.groups)):
+                    for j, part in enumerate(group_parts(rows, n, self.module.groups)):
                         self._stats[j].update(part)
                         if self._reservoirs is not None:
                             self._reservoirs[j].update(part)
             self._inputs_seen += self.module.count_inputs(tensor)
 
 
-def _group_parts(rows: Tensor, width: int, groups: int) -> list[Tensor]:
-    """Rows ``(..., groups * width)`` as one view ``(..., width)`` per group."""
+def group_parts(rows: Tensor, width: int, groups: int) -> list[Tensor]:
+    """Rows ``(..., groups * width)`` as one view ``(..., width)`` per group.
+
+    Example:
+        >>> [tuple(p.shape) for p in group_parts(torch.zeros(5, 6), 3, groups=2)]
+        [(5, 3), (5, 3)]
+    """
     return [rows] if groups == 1 else list(rows.split(width, dim=-1))
 
 
@@ -236,7 +237,6 @@ class BatchGate:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.observers: list[Observer] = []
         self.pending: list[tuple[Observer, str, Tensor]] = []
         self.is_open = False
         self._handles = [

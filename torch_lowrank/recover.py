@@ -44,6 +44,7 @@ from .plans import Plan, layer_row, plan_layer
 from .problem import spectrum
 from .report import LayerReport, Report
 from .reservoir import Reservoir
+from .settings import Settings
 from .stats import CovarianceStats
 
 __all__ = ["recover_", "compress"]
@@ -80,13 +81,15 @@ def _observations(found: dict[nn.Module, list[str]]) -> dict[nn.Module, Observat
 
 
 def _global_ranks(
-    found: dict[nn.Module, list[str]], fold: Places, observed: dict[nn.Module, Observation]
+    found: dict[nn.Module, list[str]],
+    fold: Places,
+    observed: dict[nn.Module, Observation],
+    conversions: list[Settings],
 ) -> dict[nn.Module, int | None]:
     """Ranks for the modules awaiting global allocation (``None``: keep dense), one
-    allocation per conversion that asked for it."""
+    allocation per conversion (``conversions``) that asked for it."""
     chosen: dict[nn.Module, int | None] = {}
-    conversions = [s for s in _distinct(m.settings for m in found) if s.allocation is not None]
-    for settings in conversions:
+    for settings in (s for s in conversions if s.allocation is not None):
         spec = settings.allocation
         layers, pending = [], {}
         for module in (m for m in found if m.settings is settings):
@@ -111,15 +114,6 @@ def _global_ranks(
             ranks = allocate(layers, spec.ratio, spec.budget, spec.round_to)
             chosen.update({pending[name]: r for name, r in ranks.items() if name in pending})
     return chosen
-
-
-def _distinct(items: Iterable[Any]) -> list[Any]:
-    """The items that are not ``None``, each object once, in order."""
-    out: list[Any] = []
-    for item in items:
-        if item is not None and all(item is not seen for seen in out):
-            out.append(item)
-    return out
 
 
 def _parallel_plans(
@@ -245,7 +239,7 @@ def recover_(
     # Phase 1: solve everything; nothing in the model changes here.
     with eval_mode(model):
         observed = _observations(found)
-        ranks = _global_ranks(found, fold, observed)
+        ranks = _global_ranks(found, fold, observed, conversions)
         kept = {
             m: Plan.dense("global allocation keeps it dense") for m, r in ranks.items() if r is None
         }
