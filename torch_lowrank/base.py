@@ -32,7 +32,7 @@ from . import solvers
 from .activations import Activation, resolve_activation
 from .cross import CrossStats
 from .hooks import Hook, HookLedger
-from .observer import BatchGate, Observation, Observer
+from .observer import BatchGate, Observation, Observer, group_parts
 from .plans import layer_problem, layer_row
 from .problem import LayerProblem, solve
 from .ranks import target_rank
@@ -166,8 +166,7 @@ class LowRankModule(nn.Module):
         patches that can enter)."""
         n = self.matrix_shape[1]
         for rows in self.input_rows(x):
-            parts = [rows] if self.groups == 1 else rows.split(n, dim=-1)
-            for reservoir, part in zip(reservoirs, parts):
+            for reservoir, part in zip(reservoirs, group_parts(rows, n, self.groups)):
                 reservoir.update(part)
 
     def matrices(self) -> list[tuple[Tensor, Tensor | None]]:
@@ -262,8 +261,11 @@ class LowRankModule(nn.Module):
         """Whether factors of ``rank`` hold fewer parameters than the dense layer, counting a
         bias on the factors when ``bias`` (default: when the factors would get one: the dense
         layer has a bias, or ``add_bias``). E.g. ``Linear(4, 16, bias=False)`` at rank 3: 60
-        weights save, 60 weights and an added bias of 16 do not."""
+        weights save, 60 weights and an added bias of 16 do not. Once recovered, the dense layer
+        is gone and only the weights are compared."""
         m, n = self.matrix_shape
+        if not self.calibrating:
+            return rank * (m + n) < m * n
         dense_bias = self.bias is not None
         with_bias = (dense_bias or self.add_bias) if bias is None else bias
         return rank * (m + n) + m * with_bias < m * n + m * dense_bias
