@@ -10,7 +10,10 @@ prints the figures side by side. Nothing is downloaded; the model is a small ran
 Measured:
 
 * **recover**: one ``tl.recover_(model, method="linear")`` on a converted MLP (three Linears,
-  ReLUs between them) that has seen three calibration batches.
+  ReLUs between them) that has seen three calibration batches; **recover (relu)** the same with
+  the default method; **recover (corrective)** ``tl.recover_(model, data=batches)`` (default
+  method, two batches); **module recover_** one calibrated ``LowRankLinear``'s own
+  ``recover_("linear")``.
 * **calibrate (first)** / **calibrate (steady)**: one ``tl.calibrate(model, [batch])`` on a freshly
   converted MLP (its first batch: activation detection), then one more on the same model.
 
@@ -149,6 +152,8 @@ def _mlp():
 
 def measure() -> dict:
     """The figures of the importable ``torch_lowrank`` (one process)."""
+    import torch
+
     import torch_lowrank as tl
 
     package = _package_dir()
@@ -161,6 +166,23 @@ def measure() -> dict:
     tracer = Tracer(package)
     tracer.run(lambda: tl.recover_(model, method="linear", progress=False))
     out["recover"] = tracer.summary(graph)
+
+    for key, kwargs in (("recover_relu", {}), ("recover_corrective", {"data": None})):
+        model, data = _mlp()
+        tl.convert(model, ratio=0.5)
+        tl.calibrate(model, data[:3], progress=False)
+        if "data" in kwargs:
+            kwargs = {"data": data[:2]}
+        tracer = Tracer(package)
+        tracer.run(lambda m=model, kw=kwargs: tl.recover_(m, progress=False, **kw))
+        out[key] = tracer.summary(graph)
+
+    torch.manual_seed(0)
+    layer = tl.LowRankLinear.from_linear(torch.nn.Linear(32, 16), rank=4)
+    layer(torch.randn(64, 32))
+    tracer = Tracer(package)
+    tracer.run(lambda: layer.recover_("linear"))
+    out["recover_module"] = tracer.summary(graph)
 
     model, data = _mlp()
     tl.convert(model, ratio=0.5)
@@ -199,6 +221,9 @@ ROWS = [
     ("recover_: functions entered", ("recover", "functions")),
     ("recover_: file-to-file call edges", ("recover", "edges")),
     ("recover_: edges climbing the import graph", ("recover", "climbs")),
+    ("recover_ (relu): files / climbing edges", ("recover_relu", "files", "climbs")),
+    ("recover_ (corrective): files / climbing edges", ("recover_corrective", "files", "climbs")),
+    ("module recover_ (linear): files / climbing edges", ("recover_module", "files", "climbs")),
     ("calibrate, first batch: files", ("calibrate_first", "files")),
     ("calibrate, first batch: classes", ("calibrate_first", "classes")),
     ("calibrate, first batch: functions", ("calibrate_first", "functions")),

@@ -33,7 +33,6 @@ __all__ = [
     "Activation",
     "FoldedBatchNorm",
     "batchnorm_affine",
-    "batchnorm_places",
     "fold_affine",
     "leaky",
     "max_slope",
@@ -219,25 +218,3 @@ class FoldedBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return str(self.num_features)
-
-
-def batchnorm_places(
-    model: nn.Module, folded: tuple, names: dict[nn.Module, list[str]]
-) -> list[tuple[nn.Module, str]]:
-    """Where the BatchNorm recorded to be folded (``folded``: ``()`` or ``(bn,)``) sits in
-    ``model``, as ``(parent, attribute)`` at every name it has (``names``: every module's
-    names); empty when there is none or it is no longer in the model.
-
-    Example:
-        >>> bn = nn.BatchNorm1d(4)
-        >>> model = nn.Sequential(nn.Linear(4, 4), bn)
-        >>> [attr for _, attr in batchnorm_places(model, (bn,), {bn: ["1"]})]
-        ['1']
-    """
-    if not folded or folded[0] not in names:
-        return []
-    places = []
-    for name in names[folded[0]]:
-        parent_name, _, attr = name.rpartition(".")
-        places.append((model.get_submodule(parent_name), attr))
-    return places

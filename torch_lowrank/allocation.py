@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LayerBudget", "allocate", "budget_total"]
+from .problem import LayerProblem
+from .solvers import output_spectrum
+
+__all__ = ["LayerBudget", "allocate", "budget_total", "spectrum"]
 
 
 @dataclass
@@ -145,3 +148,26 @@ def budget_total(ranks: dict[str, int | None], layers: list[LayerBudget], budget
         by_name[name].dense_cost(budget) if r is None else r * by_name[name].unit_cost(budget)
         for name, r in ranks.items()
     )
+
+
+def spectrum(problem: LayerProblem) -> Tensor:
+    """The descending eigenvalues of the output covariance ``W C W^T`` summed over the groups
+    (``min(m, n)`` of them): what ``linear`` keeps and drops at each rank, for allocation.
+
+    Example:
+        >>> from torch_lowrank.problem import GroupData
+        >>> w = torch.randn(3, 5, dtype=torch.float64)
+        >>> p = LayerProblem("fc", (GroupData(w, None, torch.zeros(5),
+        ...                  torch.eye(5, dtype=torch.float64)),), rank=1, energy=None, seen=9)
+        >>> torch.allclose(spectrum(p), torch.linalg.svdvals(w).square())
+        True
+    """
+    total = None
+    for group in problem.groups:
+        if problem.outputs:
+            cov = group.cov
+            values = torch.linalg.eigvalsh((cov + cov.T) / 2).flip(0).clamp_min(0.0)
+        else:
+            values = output_spectrum(group.weight, group.cov)
+        total = values if total is None else total + values
+    return total

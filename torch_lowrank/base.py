@@ -33,8 +33,7 @@ from .activations import Activation, resolve_activation
 from .cross import CrossStats
 from .hooks import Hook, HookLedger
 from .observer import BatchGate, Observation, Observer, group_parts
-from .plans import layer_problem, layer_row
-from .problem import LayerProblem, solve
+from .problem import LayerProblem, layer_problem, layer_row, solve
 from .ranks import target_rank
 from .report import LayerReport
 from .reservoir import Reservoir
@@ -295,7 +294,7 @@ class LowRankModule(nn.Module):
         samples: bool = True,
     ) -> LayerProblem:
         """The layer's recovery problem as frozen tensors, for
-        :func:`~torch_lowrank.problem.solve` (see :func:`~torch_lowrank.plans.layer_problem`
+        :func:`~torch_lowrank.problem.solve` (see :func:`~torch_lowrank.problem.layer_problem`
         for the arguments).
 
         Example:

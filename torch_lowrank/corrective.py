@@ -34,10 +34,10 @@ from . import distributed
 from .activations import FoldedBatchNorm
 from .blocks import BlockCache, find_chains
 from .cross import CrossStats
-from .model import module_names
+from .model import module_names, world_size
 from .observer import group_parts
 from .options import Options
-from .plans import Plan, plan_layer
+from .problem import Plan, plan_layer
 from .reservoir import Reservoir
 
 __all__ = ["schedule", "corrective_plans"]
@@ -97,20 +97,22 @@ def _mode(
     model: nn.Module,
     staged: dict[nn.Module, nn.Module],
     names: dict[nn.Module, list[str]],
-    folded: dict[nn.Module, list[tuple[nn.Module, str]]],
+    fold: dict[nn.Module, list[str]],
     compressed: bool,
 ) -> Iterator[None]:
     """Run the model as the compressed network (every ``staged`` module is stood in for by its
-    factors at every name, and the BatchNorms folded into it are bypassed) or, when not
-    ``compressed``, as the original."""
-    places: list[tuple[nn.Module, str, nn.Module]] = []
+    factors at every name, and the BatchNorm folded into it, at the names ``fold`` gives, is
+    bypassed) or, when not ``compressed``, as the original."""
+    swaps: list[tuple[str, nn.Module]] = []
     for module, stand_in in staged.items() if compressed else ():
-        for name in names[module]:
-            if name:
-                parent_name, _, attr = name.rpartition(".")
-                places.append((model.get_submodule(parent_name), attr, stand_in))
-        for parent, attr in folded.get(module, []):
-            places.append((parent, attr, FoldedBatchNorm.like(getattr(parent, attr))))
+        swaps += [(name, stand_in) for name in names[module] if name]
+        if fold.get(module):
+            folded = FoldedBatchNorm.like(module.folded_batchnorm[0])
+            swaps += [(name, folded) for name in fold[module]]
+    places: list[tuple[nn.Module, str, nn.Module]] = []
+    for name, stand_in in swaps:
+        parent_name, _, attr = name.rpartition(".")
+        places.append((model.get_submodule(parent_name), attr, stand_in))
     originals = [getattr(parent, attr) for parent, attr, _ in places]
     try:
         for parent, attr, stand_in in places:
@@ -217,7 +219,7 @@ def corrective_plans(
     data: Iterable[Any],
     method: str,
     forward_fn: Callable,
-    fold: dict[nn.Module, list[tuple[nn.Module, str]]],
+    fold: dict[nn.Module, list[str]],
     options: Options,
     ranks: dict[nn.Module, int | None] | None = None,
     progress: bool = True,
@@ -225,7 +227,7 @@ def corrective_plans(
 ) -> tuple[dict[nn.Module, Plan], dict]:
     """Solve ``modules`` correctively, wave by wave; returns the plans for
     :func:`~torch_lowrank.recover_` to install, and run information (waves, forward passes,
-    block passes, seconds). ``fold`` maps a module to the places of the BatchNorm to fold into
+    block passes, seconds). ``fold`` maps a module to the names of the BatchNorm to fold into
     it (empty: no folding); ``ranks`` overrides modules' ranks (global allocation). With
     ``cache_blocks``, a wave inside a chain of blocks (:mod:`torch_lowrank.blocks`) runs only
     its block on cached inputs; other waves run the whole model. Nothing is installed here,
@@ -275,7 +277,7 @@ def corrective_plans(
                 for cross, reservoir in pairs
             )
             peak = max(peak, held + wave_bytes + cache.nbytes)
-            if distributed.active():  # every rank saw a shard: sum the pairs of all ranks
+            if world_size() > 1:  # every rank saw a shard: sum the pairs of all ranks
                 paired = {m: _reduced(m, paired.get(m), needs_rows) for m in wave}
 
             def solve(module: nn.Module, paired=paired) -> Plan:
@@ -286,7 +288,7 @@ def corrective_plans(
                     paired=paired[module],
                 )  # fmt: skip
 
-            if distributed.active():
+            if world_size() > 1:
                 costs = [solve_cost(m, method, bool(fold[m])) for m in wave]
                 wave_plans = distributed.solve_shared(wave, solve, costs, device_of)
             else:

@@ -282,6 +282,9 @@ class FirstForwardDetector:
     def __init__(self, model: nn.Module, layers: dict[nn.Module, str], fold: bool) -> None:
         self.layers = layers
         self.fold = fold
+        #: the first forward was observed, or the hooks were removed (a plain attribute, so that
+        #: checking it costs no call)
+        self.done = False
         self._batchnorms = {
             id(m.running_mean): m
             for m in model.modules()
@@ -294,10 +297,6 @@ class FirstForwardDetector:
         ]
         # nn.Module's registration: a low-rank layer records only its user's hooks
         self._handles += [nn.Module.register_forward_hook(m, self._watch) for m in layers]
-
-    @property
-    def done(self) -> bool:
-        return not self._handles
 
     def _begin(self, model: nn.Module, args: tuple) -> None:
         if self._recorder is None:
@@ -340,12 +339,13 @@ class FirstForwardDetector:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.done = True
 
 
 def settle_activations(model: nn.Module, layers: dict[str, nn.Module]) -> None:
-    """After calibration: give every low-rank layer (by name) whose activation was not
-    observed the static answer (Sequential / fx, tracing low-rank modules as leaves), and log
-    where observation and the static answer disagree.
+    """Give every low-rank layer of ``layers`` (by name) whose activation is still pending (no
+    forward reached it) the static answer: Sequential adjacency or ``torch.fx``, tracing the
+    ``layers`` as leaves; ``None`` (linear) where neither can tell.
 
     Example:
         >>> import torch_lowrank as tl
@@ -354,21 +354,11 @@ def settle_activations(model: nn.Module, layers: dict[str, nn.Module]) -> None:
         >>> seq[0].activation.name, seq[0].activation_source
         ('gelu', 'static')
     """
+    pending = {name: m for name, m in layers.items() if m.activation_source == "auto"}
     leaf = set(layers.values())
-    static = static_activations(model, list(layers), leaf=lambda m: m in leaf)
-    for name, module in layers.items():
-        pending = module.activation_source == "auto"
-        if name not in static:
-            if pending:
-                module.set_activation_(None, None, "none")
-            continue
-        guess = static[name]
-        if pending:
-            module.set_activation_(guess, None, "static")
-        elif module.activation_source == "observed" and not module.folded_batchnorm:
-            seen = module.activation.name if module.activation else None
-            if seen != (guess.name if guess else None):
-                logger.warning(
-                    "%s: observed activation %s, static analysis says %s; using %s",
-                    name, seen, guess.name if guess else None, seen,
-                )  # fmt: skip
+    static = static_activations(model, list(pending), leaf=lambda m: m in leaf)
+    for name, module in pending.items():
+        if name in static:
+            module.set_activation_(static[name], None, "static")
+        else:
+            module.set_activation_(None, None, "none")

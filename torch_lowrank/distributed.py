@@ -31,11 +31,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from .plans import Plan
+from .model import world_size
+from .observer import Observation
+from .problem import Plan
+from .reservoir import Reservoir
 from .solvers import Factors
+from .stats import CovarianceStats
 
-__all__ = ["active", "owners", "solve_shared"]
+__all__ = ["active", "owners", "solve_shared", "summed_observations"]
 
 
 def active() -> bool:
@@ -45,7 +50,35 @@ def active() -> bool:
         >>> active()
         False
     """
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
+
+
+def summed_observations(
+    modules: Sequence[nn.Module], device_of: Callable[[nn.Module], torch.device]
+) -> dict[nn.Module, Observation]:
+    """Each module's first-pass statistics summed over all ranks (their reservoirs merged);
+    the modules' own statistics are not changed.
+
+    Collective: every rank passes the same modules in the same order."""
+    summed = {}
+    for module in modules:
+        seen, device = module.observer.observation(), device_of(module)
+        m, n = module.matrix_shape
+        width = m if seen.space == "output" else n
+        inputs = torch.tensor([float(seen.inputs_seen)], device=device)
+        dist.all_reduce(inputs)
+        stats = seen.stats or [None] * module.groups
+        reservoirs = None
+        if module.observer.samples:
+            own = seen.reservoirs or [None] * module.groups
+            reservoirs = [Reservoir.all_reduce(r, module.observer.samples, n, device) for r in own]
+        summed[module] = Observation(
+            seen.space,
+            [CovarianceStats.all_reduce(s, width, device) for s in stats],
+            reservoirs,
+            int(inputs.item()),
+        )
+    return summed
 
 
 def owners(costs: Sequence[float]) -> list[int]:
@@ -86,7 +119,7 @@ def solve_shared(
 ) -> dict[Any, Plan]:
     """Solve ``modules`` split across the ranks and share the plans with every rank.
 
-    ``solve(module)`` returns a :class:`~torch_lowrank.plans.Plan`; a plan received from
+    ``solve(module)`` returns a :class:`~torch_lowrank.problem.Plan`; a plan received from
     another rank gets its layers from ``module.factor_layers``. If any rank fails, every rank
     raises.
 

@@ -36,6 +36,7 @@ __all__ = [
     "replace_everywhere",
     "run_batch",
     "settings_of",
+    "world_size",
 ]
 
 
@@ -109,6 +110,18 @@ def settings_of(model: nn.Module) -> list:
         if calibrating and settings is not None and all(settings is not s for s in found):
             found.append(settings)
     return found
+
+
+def world_size() -> int:
+    """How many processes calibrate and recover together: the size of the running
+    ``torch.distributed`` process group, 1 without one (see ``docs/scaling-out.md``).
+
+    Example:
+        >>> world_size()
+        1
+    """
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @contextlib.contextmanager

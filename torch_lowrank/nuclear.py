@@ -11,6 +11,7 @@ is in float64 on the weight's device.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ from torch import Tensor
 from .projected import Problem, minimise, result
 from .solvers import Factors
 
-__all__ = ["nuclear"]
+__all__ = ["nuclear", "pad_rank"]
 
 
 def _shrink(Z: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -107,3 +108,26 @@ def nuclear(
         else:
             lo = mid
     return fit
+
+
+def pad_rank(factors: Factors, rank: int) -> Factors:
+    """``factors`` at a higher ``rank`` with the same product: ``down`` gets zero rows and
+    ``up`` orthonormal columns orthogonal to its own (the groups of a layer share one rank, and
+    the penalty may choose a different one for each).
+
+    Example:
+        >>> up = torch.linalg.qr(torch.randn(4, 1, dtype=torch.float64))[0]
+        >>> f = Factors(up, torch.randn(1, 3, dtype=torch.float64), None, 0.0, 1.0, up[:1, 0])
+        >>> g = pad_rank(f, 3)
+        >>> g.rank, torch.allclose(g.up @ g.down, f.up @ f.down)
+        (3, True)
+    """
+    extra = rank - factors.rank
+    up, down = factors.up, factors.down
+    eye = torch.eye(up.shape[0], dtype=up.dtype, device=up.device)
+    basis, _ = torch.linalg.qr(torch.cat([up, eye], 1))  # first columns span up's
+    return replace(
+        factors,
+        up=torch.cat([up, basis[:, factors.rank : rank]], 1),
+        down=torch.cat([down, down.new_zeros(extra, down.shape[1])]),
+    )

@@ -281,12 +281,13 @@ class ModelHooks:
         of activations in progress (its mode would otherwise stay on the stack)."""
         if self.gate is not None:
             self.gate.discard()
-        if self.detector is not None:
+        if self.detector is not None and not self.detector.done:
             self.detector.abort()
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
         self.abort()
-        for hooks in (self.gate, self.detector):
-            if hooks is not None:
-                hooks.remove()
+        if self.gate is not None:
+            self.gate.remove()
+        if self.detector is not None and not self.detector.done:
+            self.detector.remove()

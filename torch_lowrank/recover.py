@@ -2,7 +2,7 @@
 
 :func:`recover_` settles what follows each layer (the activation observed on the first forward,
 or the static answer), finds the BatchNorms to fold, chooses global ranks when asked, and solves
-every layer into a :class:`~torch_lowrank.plans.Plan`, in parallel from each layer's own
+every layer into a :class:`~torch_lowrank.problem.Plan`, in parallel from each layer's own
 statistics or correctively (:mod:`torch_lowrank.corrective`). Only when every plan is ready are
 they written: factors installed, folded BatchNorms replaced, layers without data put back dense.
 Every pass over data runs in eval mode and gives the caller's modes back.
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .activations import FoldedBatchNorm, batchnorm_places
-from .allocation import LayerBudget, allocate
+from .activations import FoldedBatchNorm
+from .allocation import LayerBudget, allocate, spectrum
 from .base import LowRankModule
 from .convert import convert, dense_row, revert
 from .corrective import corrective_plans, device_of, solve_cost
@@ -37,52 +37,25 @@ from .model import (
     progress_bar,
     replace_everywhere,
     settings_of,
+    world_size,
 )
 from .observer import Observation
 from .options import Options, make_options
-from .plans import Plan, layer_row, plan_layer
-from .problem import spectrum
+from .problem import Plan, layer_row, plan_layer
 from .report import LayerReport, Report
-from .reservoir import Reservoir
 from .settings import Settings
-from .stats import CovarianceStats
 
 __all__ = ["recover_", "compress"]
 
 logger = logging.getLogger(__name__)
 
-Places = dict[nn.Module, list[tuple[nn.Module, str]]]
-
-
-def _observations(found: dict[nn.Module, list[str]]) -> dict[nn.Module, Observation]:
-    """Each module's first-pass statistics; with several processes, summed over all of them
-    (collective). The modules' own statistics are not changed."""
-    if not distributed.active():
-        return {m: m.observer.observation() for m in found}
-    summed = {}
-    for module in found:
-        seen, device = module.observer.observation(), device_of(module)
-        m, n = module.matrix_shape
-        width = m if seen.space == "output" else n
-        inputs = torch.tensor([float(seen.inputs_seen)], device=device)
-        torch.distributed.all_reduce(inputs)
-        stats = seen.stats or [None] * module.groups
-        reservoirs = None
-        if module.observer.samples:
-            own = seen.reservoirs or [None] * module.groups
-            reservoirs = [Reservoir.all_reduce(r, module.observer.samples, n, device) for r in own]
-        summed[module] = Observation(
-            seen.space,
-            [CovarianceStats.all_reduce(s, width, device) for s in stats],
-            reservoirs,
-            int(inputs.item()),
-        )
-    return summed
+#: For each layer, every name of the BatchNorm to fold into it (empty: nothing to fold).
+FoldNames = dict[nn.Module, list[str]]
 
 
 def _global_ranks(
     found: dict[nn.Module, list[str]],
-    fold: Places,
+    fold: FoldNames,
     observed: dict[nn.Module, Observation],
     conversions: list[Settings],
 ) -> dict[nn.Module, int | None]:
@@ -119,7 +92,7 @@ def _global_ranks(
 def _parallel_plans(
     modules: list[nn.Module],
     method: str,
-    fold: Places,
+    fold: FoldNames,
     options: Options,
     ranks: dict[nn.Module, int | None],
     observed: dict[nn.Module, Observation],
@@ -134,14 +107,14 @@ def _parallel_plans(
             observation=observed[module],
         )  # fmt: skip
 
-    if distributed.active():
+    if world_size() > 1:
         costs = [solve_cost(m, method, bool(fold[m])) for m in modules]
         return distributed.solve_shared(modules, plan, costs, device_of)
     return {m: plan(m) for m in progress_bar(modules, "recovering", progress)}
 
 
 def _write(
-    model: nn.Module, found: dict[nn.Module, list[str]], plans: dict, fold: Places, method: str
+    model: nn.Module, found: dict[nn.Module, list[str]], plans: dict, fold: FoldNames, method: str
 ) -> dict[nn.Module, LayerReport]:
     """Install every plan (attribute assignments only); returns the report rows."""
     rows: dict[nn.Module, LayerReport] = {}
@@ -160,8 +133,9 @@ def _write(
             replace_everywhere(model, [name for name in found[module] if name], dense)
             continue
         rows[module] = layer_row(module, plan.factors, method, plan.seconds, plan.folded)
-        for parent, attr in fold[module] if plan.folded else []:
-            setattr(parent, attr, FoldedBatchNorm.like(getattr(parent, attr)))
+        if plan.folded:
+            bn = module.folded_batchnorm[0]
+            replace_everywhere(model, fold[module], FoldedBatchNorm.like(bn))
         module.install_(plan.factors, plan.layers)
     return rows
 
@@ -230,15 +204,20 @@ def recover_(
     conversions = settings_of(model)
     for settings in conversions:
         settings.hooks.abort()  # what an unfinished forward showed
-        if settings.hooks.detector is not None:
-            settings.hooks.detector.remove()
-    settle_activations(model, {names[0]: m for m, names in found.items()})
+        detector = settings.hooks.detector
+        if detector is not None and not detector.done:
+            detector.remove()  # no forward finished: it must not observe recovery's passes
+    if any(m.activation_source == "auto" for m in found):  # no forward reached these
+        settle_activations(model, {names[0]: m for m, names in found.items()})
     all_names = module_names(model)
-    fold = {m: batchnorm_places(model, m.folded_batchnorm, all_names) for m in found}
+    fold = {m: [n for bn in m.folded_batchnorm for n in all_names.get(bn, [])] for m in found}
 
     # Phase 1: solve everything; nothing in the model changes here.
     with eval_mode(model):
-        observed = _observations(found)
+        if world_size() > 1:  # every rank saw a shard: sum the statistics of all ranks
+            observed = distributed.summed_observations(found, device_of)
+        else:
+            observed = {m: m.observer.observation() for m in found}
         ranks = _global_ranks(found, fold, observed, conversions)
         kept = {
             m: Plan.dense("global allocation keeps it dense") for m, r in ranks.items() if r is None
@@ -254,8 +233,8 @@ def recover_(
             plans = _parallel_plans(solve_now, method, fold, opts, ranks, observed, progress)
             info = {"mode": "parallel", "seconds": time.perf_counter() - start}
             info["peak_stat_bytes"] = sum(observed[m].nbytes for m in found)
-    if distributed.active():
-        info["world_size"] = torch.distributed.get_world_size()
+    if world_size() > 1:
+        info["world_size"] = world_size()
         solved_on = [p.factors[0].info.get("solved_on_rank") for p in plans.values() if p.factors]
         info["solves_per_rank"] = [solved_on.count(r) for r in range(info["world_size"])]
     plans.update(kept)
