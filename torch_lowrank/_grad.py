@@ -2,8 +2,8 @@
 
 The calibration hooks run once per layer and batch, almost always inside ``torch.no_grad()``
 already (:func:`torch_lowrank.calibrate`). The ``torch.no_grad()`` decorator enters and leaves
-its context on every call anyway; on 2 CPU cores that cost about as much as the hooks' own
-work on small batches (2026-11). This decorator checks first.
+its context on every call anyway, which on small batches can cost as much as the hooks' own
+work. This decorator checks first.
 """
 
 from __future__ import annotations
