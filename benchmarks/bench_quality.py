@@ -9,8 +9,10 @@ process, on the same calibration batches and at the same ranks:
 * ours, each step adding one feature: ``linear`` (exact data-driven optimum, each layer from its
   own input), ``relu`` (activation-aware), ``corrective`` (relu, corrective recovery: the
   library default), ``global`` (corrective + global rank allocation given exactly the weights the
-  uniform ranks kept) and ``finetuned`` (``global`` + a short distillation on the calibration
-  batches, KL on the logits; the baselines are not fine-tuned).
+  uniform ranks kept), ``refined`` (``global`` + block refinement, ``refine=True``: each
+  transformer block's factors fitted to the original block's output on the calibration batches)
+  and ``finetuned`` (``global`` + a short distillation on the calibration batches, KL on the
+  logits; the baselines are not fine-tuned).
 
 Workloads (trained once, cached outside the repository by ``benchmarks/models.py``): the
 scikit-learn digits MLP, a Fashion-MNIST MLP and CNN (metric: test accuracy) and a character
@@ -27,6 +29,7 @@ import copy
 import fnmatch
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,7 +53,7 @@ from benchmarks.models import (
 __all__ = ["WORKLOADS", "METHODS", "Workload", "build", "run"]
 
 WORKLOADS = ("digits", "fashion_mlp", "fashion_cnn", "char_lm")
-OURS = ("linear", "relu", "corrective", "global", "finetuned")
+OURS = ("linear", "relu", "corrective", "global", "refined", "finetuned")
 METHODS = (*baselines.BASELINES, *OURS)
 
 # Per workload: calibration size, evaluation size, ratios, reservoir rows, fine-tuning steps.
@@ -147,14 +150,19 @@ def method_options(method: str, options: dict) -> dict:
     return dict(options) if method in ITERATIVE else {}
 
 
-def _ours(w: Workload, method: str, ratio: float, corrective: bool, allocation: str = "uniform"):
+def _ours(
+    w: Workload, method: str, ratio: float, corrective: bool, allocation: str = "uniform",
+    refine: bool = False,
+):  # fmt: skip
     torch.manual_seed(0)
     start = time.perf_counter()
-    model, report = tl.compress(
-        copy.deepcopy(w.model), w.data, ratio=ratio, method=method, corrective=corrective,
-        allocation=allocation, samples=w.settings["samples"],
-        options=method_options(method, w.settings["options"]), progress=False, **w.layers,
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "recover_: refine: no layer")  # MLPs, the CNN
+        model, report = tl.compress(
+            copy.deepcopy(w.model), w.data, ratio=ratio, method=method, corrective=corrective,
+            allocation=allocation, samples=w.settings["samples"], refine=refine,
+            options=method_options(method, w.settings["options"]), progress=False, **w.layers,
+        )  # fmt: skip
     return model, report, time.perf_counter() - start
 
 
@@ -200,6 +208,10 @@ def run_workload(name: str, quick: bool) -> dict:
         found["corrective"] = (model, seconds, _layers(report))
         model, report, seconds = _ours(w, "relu", kept, corrective=True, allocation="global")
         found["global"] = (model, seconds, _layers(report))
+        refined, refine_report, refine_seconds = _ours(
+            w, "relu", kept, corrective=True, allocation="global", refine=True
+        )
+        found["refined"] = (refined, refine_seconds, _layers(refine_report))
         tuned = copy.deepcopy(model)
         torch.manual_seed(0)
         start = time.perf_counter()

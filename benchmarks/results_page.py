@@ -35,7 +35,8 @@ LABELS = {
     "relu": "ours: relu",
     "corrective": "ours: relu + corrective (default)",
     "global": "ours: + global allocation",
-    "finetuned": "ours: + fine-tuned",
+    "refined": "ours: + block refinement",
+    "finetuned": "ours: + fine-tuned (after global)",
 }
 MiB = 2**20
 #: benchmarks run only on request, rendered by their module's ``table(rows)``
@@ -135,18 +136,19 @@ def _quality(records: dict[str, dict]) -> tuple[list[str], list[str]]:
             "",
         ]
         rows = [["weights kept", *(f"{cell[('linear', r)]['kept']:.3f}" for r in ratios)]]
-        for method in METHODS:
+        ran = [m for m in METHODS if all((m, r) in cell for r in ratios)]  # older runs lack some
+        for method in ran:
             values = []
             for r in ratios:
                 v = cell[(method, r)]["value"]
-                best = all(not _better(cell[(m, r)]["value"], v, higher) for m in METHODS)
+                best = all(not _better(cell[(m, r)]["value"], v, higher) for m in ran)
                 values.append(f"**{v:.4f}**" if best else f"{v:.4f}")
             rows.append([LABELS[method], *values])
         lines += _table(["method", *(str(r) for r in ratios)], rows)
         for r in ratios:
             base = max if higher else min
             best_base = base(cell[(m, r)]["value"] for m in ("svd", "asvd", "svd_llm"))
-            post = [cell[(m, r)]["value"] for m in OURS if m != "finetuned"]
+            post = [cell[(m, r)]["value"] for m in OURS if m != "finetuned" and m in ran]
             if not _better(base(post), best_base, higher):
                 misses.append(
                     f"{workload} at {r}: best post-training method of ours {base(post):.4f}, "

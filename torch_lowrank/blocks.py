@@ -136,6 +136,10 @@ class Chain:
         args, kwargs = call
         return args[self.position] if isinstance(self.position, int) else kwargs[self.position]
 
+    def fresh(self, call: Call) -> Call:
+        """``call`` with a copy of its stream (a child may change its input in place)."""
+        return self.with_stream(call, _clone(self.stream_of(call)))
+
     def run(self, index: int, call: Call) -> Any:
         """Run child ``index`` (looked up now, so a BatchNorm bypass applies) on ``call``."""
         args, kwargs = call
@@ -347,10 +351,14 @@ class BlockCache:
         the cached stream (a child may change its input in place)."""
 
         def run(entry: dict[bool, Call], compressed: bool) -> None:
-            call = self._use(entry[compressed])
-            call = self.chain.with_stream(call, _clone(self.chain.stream_of(call)))
+            call = self.chain.fresh(self._use(entry[compressed]))
             with self.mode(compressed):
                 self.chain.run(self.index, call)
             self.block_passes += 1
 
         return [lambda compressed, entry=entry: run(entry, compressed) for entry in self.entries]
+
+    def inputs(self, compressed: bool) -> list[Call]:
+        """The current child's cached inputs in one mode, one per batch, on the compute device
+        (pass each through :meth:`Chain.fresh` before running a child on it)."""
+        return [self._use(entry[compressed]) for entry in self.entries]

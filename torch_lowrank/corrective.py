@@ -32,12 +32,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .activations import FoldedBatchNorm
-from .blocks import BlockCache, find_chains
+from .blocks import BlockCache, Chain, find_chains
 from .cross import CrossStats
 from .model import module_names, world_size
 from .observer import group_parts
 from .options import Options
 from .problem import Plan, plan_layer
+from .refine import BlockRefinement, RefineOptions, refine_block
 from .reservoir import Reservoir
 
 __all__ = ["schedule", "corrective_plans"]
@@ -213,6 +214,37 @@ def _whole_model(
     return run
 
 
+def _block_of(wave: list[nn.Module], where: dict) -> tuple[Chain, int] | None:
+    """The chain child holding every layer of ``wave``, or ``None``."""
+    places = [where.get(m) for m in wave]
+    first = places[0]
+    if all(p is not None and p[0] is first[0] and p[1] == first[1] for p in places):
+        return first
+    return None
+
+
+def _refine(
+    cache: BlockCache,
+    block: tuple[Chain, int],
+    layers: list[nn.Module],
+    mode: Callable[[bool], contextlib.AbstractContextManager],
+    options: RefineOptions,
+) -> BlockRefinement:
+    """Refine the staged factor ``layers`` of the chain child ``block`` on the cached inputs
+    (:mod:`torch_lowrank.refine`)."""
+    chain, index = block
+    name = f"{chain.name}.{index}" if chain.name else str(index)
+
+    def run(call: tuple) -> Tensor:
+        return chain.stream(chain.run(index, chain.fresh(call)))
+
+    with torch.no_grad(), mode(False):
+        targets = [run(call) for call in cache.inputs(False)]
+    params = [p for layer in layers for p in layer.parameters()]
+    with mode(True):
+        return refine_block(name, run, list(zip(cache.inputs(True), targets)), params, options)
+
+
 def corrective_plans(
     model: nn.Module,
     modules: list[nn.Module],
@@ -224,14 +256,17 @@ def corrective_plans(
     ranks: dict[nn.Module, int | None] | None = None,
     progress: bool = True,
     cache_blocks: bool = True,
+    refine: RefineOptions | None = None,
 ) -> tuple[dict[nn.Module, Plan], dict]:
     """Solve ``modules`` correctively, wave by wave; returns the plans for
     :func:`~torch_lowrank.recover_` to install, and run information (waves, forward passes,
     block passes, seconds). ``fold`` maps a module to the names of the BatchNorm to fold into
     it (empty: no folding); ``ranks`` overrides modules' ranks (global allocation). With
     ``cache_blocks``, a wave inside a chain of blocks (:mod:`torch_lowrank.blocks`) runs only
-    its block on cached inputs; other waves run the whole model. Nothing is installed here,
-    and the model is the original again on the way out."""
+    its block on cached inputs; other waves run the whole model. With ``refine``, each block's
+    factors are refined once its last wave is solved (:mod:`torch_lowrank.refine`); layers
+    outside a chain of blocks, or that are a chain child on their own, are not. Nothing is
+    installed here, and the model is the original again on the way out."""
     if iter(data) is data:
         raise TypeError(
             "recover_: data: corrective recovery iterates the calibration data several times\n"
@@ -262,10 +297,17 @@ def corrective_plans(
         counts["forward"] += chain_passes
         store = next((m.offload for m in modules if m.offload is not None), None)
         cache = BlockCache(model, data, forward_fn, mode, store)
-        for wave in tqdm(waves, desc="corrective waves", disable=None if progress else True):
-            places = [where.get(m) for m in wave]
-            if all(p is not None and p[0] is places[0][0] and p[1] == places[0][1] for p in places):
-                cache.seek(*places[0])
+        blocks = [_block_of(wave, where) for wave in waves]
+        # A child that is one layer is what that layer's closed form already fits: not a block.
+        solving = set(modules)
+        refinable = [b is not None and b[0].container[b[1]] not in solving for b in blocks]
+        refined: list[BlockRefinement] = []
+        for i, wave in enumerate(
+            tqdm(waves, desc="corrective waves", disable=None if progress else True)
+        ):
+            block = blocks[i]
+            if block is not None:
+                cache.seek(*block)
                 runs = cache.runs()
             else:
                 runs = (_whole_model(model, b, forward_fn, mode, counts) for b in data)
@@ -297,6 +339,10 @@ def corrective_plans(
                 plans[module] = plan
                 if plan.layers is not None:
                     staged[module] = nn.Sequential(*plan.layers)
+            last = block is not None and (i + 1 == len(waves) or blocks[i + 1] != block)
+            if refine is not None and last and refinable[i]:
+                layers = [staged[m] for m in staged if where.get(m) == block]
+                refined.append(_refine(cache, block, layers, mode, refine))
     info = {
         "mode": "corrective",
         "waves": len(waves),
@@ -305,4 +351,8 @@ def corrective_plans(
         "peak_stat_bytes": peak,
         "seconds": time.perf_counter() - start,
     }
+    if refine is not None:
+        info["refine"] = [r.as_dict() for r in refined]
+        outside = [m for wave, ok in zip(waves, refinable) if not ok for m in wave]
+        info["not_refined"] = [m.layer_name for m in outside]
     return plans, info

@@ -42,6 +42,7 @@ from .model import (
 from .observer import Observation
 from .options import Options, make_options
 from .problem import Plan, layer_row, plan_layer
+from .refine import RefineOptions, make_refine
 from .report import LayerReport, Report
 from .settings import Settings
 
@@ -148,6 +149,7 @@ def recover_(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
     cache_blocks: bool = True,
+    refine: bool | dict | RefineOptions | None = None,
     options: dict | Options | None = None,
     **kwargs: Any,
 ) -> Report:
@@ -174,6 +176,10 @@ def recover_(
         cache_blocks: in corrective recovery, run a wave inside a chain of blocks (transformer
             layers, ``nn.Sequential`` stages) on cached block inputs instead of the whole
             model (same result, less compute).
+        refine: with ``data``, after a block's layers are solved correctively, fit the block's
+            factors jointly to the original block's output (``True``, or the fields of
+            :class:`~torch_lowrank.refine.RefineOptions`); ``report.info["refine"]`` gives
+            each block's steps and held-out error before and after. Needs ``cache_blocks``.
         options / **kwargs: the method's options (:mod:`torch_lowrank.options`), checked
             before anything runs: ``damping``; ``max_iter``, ``tol``, ``optimizer``, ``lr``
             (``relu``); ``lam`` (``nuclear``).
@@ -195,6 +201,9 @@ def recover_(
         4
     """
     opts = make_options(method, _merged(options, kwargs), where="recover_")
+    refining = make_refine(refine, where="recover_")
+    if refining is not None:
+        _check_refine(data is not None and method != "svd", cache_blocks, "recover_")
     found = {m: names for m, names in low_rank_modules(model).items() if m.calibrating}
     if not found:
         warnings.warn(
@@ -227,8 +236,14 @@ def recover_(
         if data is not None and method != "svd":
             plans, info = corrective_plans(
                 model, solve_now, data, method, forward_fn or default_forward, fold, opts,
-                ranks, progress, cache_blocks,
+                ranks, progress, cache_blocks, refining,
             )  # fmt: skip
+            if refining is not None and not info["refine"] and solve_now:
+                warnings.warn(
+                    "recover_: refine: no layer is inside a chain of blocks (transformer layers,\n"
+                    "nn.Sequential stages); nothing was refined",
+                    stacklevel=2,
+                )
         else:
             plans = _parallel_plans(solve_now, method, fold, opts, ranks, observed, progress)
             info = {"mode": "parallel", "seconds": time.perf_counter() - start}
@@ -254,6 +269,18 @@ def recover_(
         if row is not None and (row.method != "dense" or not isinstance(module, LowRankModule)):
             report.layers.append(row)
     return report
+
+
+def _check_refine(corrective: bool, cache_blocks: bool, where: str) -> None:
+    """Refinement runs on corrective recovery's block cache, in one process."""
+    if not corrective:
+        raise ValueError(
+            f"{where}: refine needs corrective recovery (data=..., and a method other than svd)"
+        )
+    if not cache_blocks:
+        raise ValueError(f"{where}: refine runs on the block cache; use cache_blocks=True")
+    if world_size() > 1:
+        raise ValueError(f"{where}: refine runs in one process; not with {world_size()} ranks")
 
 
 def _merged(options: dict | Options | None, kwargs: dict) -> dict | Options | None:
@@ -300,6 +327,7 @@ def compress(
     options: dict | Options | None = None,
     progress: bool = True,
     cache_blocks: bool = True,
+    refine: bool | dict | RefineOptions | None = None,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, Report]:
     """Convert, calibrate on ``data`` and recover, in one call (corrective by default).
@@ -319,6 +347,7 @@ def compress(
         options: the method's options (see :func:`recover_`).
         progress: tqdm progress bars on an interactive terminal (``False``: never).
         cache_blocks: see :func:`recover_`.
+        refine: refine each block after its corrective solve (see :func:`recover_`).
         **convert_kwargs: passed to :func:`convert` (``rank`` / ``ratio`` / ``energy``,
             ``include``, ``exclude``, ``add_bias``, ``samples``, ``activation``, ...).
 
@@ -334,6 +363,9 @@ def compress(
         [5, 5]
     """
     opts = make_options(method, options, where="compress")
+    refining = make_refine(refine, where="compress")
+    if refining is not None:
+        _check_refine(corrective and method != "svd", cache_blocks, "compress")
     samples = convert_kwargs.get("samples", 4096)
     aware = method in ("relu", "nuclear") and convert_kwargs.get("activation", "auto") is not None
     if aware and samples == 0:
@@ -354,7 +386,7 @@ def compress(
             calibrate(model, data, forward_fn, progress)
         report = recover_(
             model, method=method, data=data if corrective else None, forward_fn=forward_fn,
-            progress=progress, cache_blocks=cache_blocks, options=opts,
+            progress=progress, cache_blocks=cache_blocks, refine=refining, options=opts,
         )  # fmt: skip
     except BaseException:
         revert(model)
