@@ -9,10 +9,12 @@ process, on the same calibration batches and at the same ranks:
 * ours, each step adding one feature: ``linear`` (exact data-driven optimum, each layer from its
   own input), ``relu`` (activation-aware), ``corrective`` (relu, corrective recovery: the
   library default), ``global`` (corrective + global rank allocation given exactly the weights the
-  uniform ranks kept), ``refined`` (``global`` + block refinement, ``refine=True``: each
-  transformer block's factors fitted to the original block's output on the calibration batches)
-  and ``finetuned`` (``global`` + a short distillation on the calibration batches, KL on the
-  logits; the baselines are not fine-tuned).
+  uniform ranks kept), ``loss_aware`` (``global`` with ``allocate_by="kl"``: each layer's error
+  weighed by its measured effect on the output distribution), ``refined`` (``global`` + block
+  refinement, ``refine=True``: each transformer block's factors fitted to the original block's
+  output on the calibration batches), ``both`` (``loss_aware`` + ``refine``) and ``finetuned``
+  (``global`` + a short distillation on the calibration batches, KL on the logits; the
+  baselines are not fine-tuned).
 
 Workloads (trained once, cached outside the repository by ``benchmarks/models.py``): the
 scikit-learn digits MLP, a Fashion-MNIST MLP and CNN (metric: test accuracy) and a character
@@ -53,7 +55,7 @@ from benchmarks.models import (
 __all__ = ["WORKLOADS", "METHODS", "Workload", "build", "run"]
 
 WORKLOADS = ("digits", "fashion_mlp", "fashion_cnn", "char_lm")
-OURS = ("linear", "relu", "corrective", "global", "refined", "finetuned")
+OURS = ("linear", "relu", "corrective", "global", "loss_aware", "refined", "both", "finetuned")
 METHODS = (*baselines.BASELINES, *OURS)
 
 # Per workload: calibration size, evaluation size, ratios, reservoir rows, fine-tuning steps.
@@ -80,13 +82,13 @@ SETTINGS = {
     "fashion_cnn": {
         "quick": {"calibration": 256, "test": 1000, "ratios": (0.4,), "samples": 1024,
                   "ft_steps": 10},
-        "full": {"calibration": 1024, "test": 10000, "ratios": FULL_RATIOS, "samples": 4096,
+        "full": {"calibration": 1024, "test": 10000, "ratios": (0.6, 0.4, 0.25), "samples": 4096,
                  "ft_steps": 50},
     },
     "char_lm": {
         "quick": {"calibration": 8, "test": 10, "ratios": (0.4,), "samples": 1024,
                   "ft_steps": 10},
-        "full": {"calibration": 16, "test": 20, "ratios": FULL_RATIOS, "samples": 4096,
+        "full": {"calibration": 16, "test": 20, "ratios": (0.6, 0.4, 0.25), "samples": 4096,
                  "ft_steps": 50},
     },
 }  # fmt: skip
@@ -152,7 +154,7 @@ def method_options(method: str, options: dict) -> dict:
 
 def _ours(
     w: Workload, method: str, ratio: float, corrective: bool, allocation: str = "uniform",
-    refine: bool = False,
+    refine: bool = False, allocate_by: str = "spectra",
 ):  # fmt: skip
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -160,7 +162,8 @@ def _ours(
         warnings.filterwarnings("ignore", "recover_: refine: no layer")  # MLPs, the CNN
         model, report = tl.compress(
             copy.deepcopy(w.model), w.data, ratio=ratio, method=method, corrective=corrective,
-            allocation=allocation, samples=w.settings["samples"], refine=refine,
+            allocation=allocation, allocate_by=allocate_by, samples=w.settings["samples"],
+            refine=refine,
             options=method_options(method, w.settings["options"]), progress=False, **w.layers,
         )  # fmt: skip
     return model, report, time.perf_counter() - start
@@ -208,10 +211,15 @@ def run_workload(name: str, quick: bool) -> dict:
         found["corrective"] = (model, seconds, _layers(report))
         model, report, seconds = _ours(w, "relu", kept, corrective=True, allocation="global")
         found["global"] = (model, seconds, _layers(report))
-        refined, refine_report, refine_seconds = _ours(
-            w, "relu", kept, corrective=True, allocation="global", refine=True
-        )
-        found["refined"] = (refined, refine_seconds, _layers(refine_report))
+        for key, extra in (
+            ("loss_aware", {"allocate_by": "kl"}),
+            ("refined", {"refine": True}),
+            ("both", {"allocate_by": "kl", "refine": True}),
+        ):
+            step, step_report, step_seconds = _ours(
+                w, "relu", kept, corrective=True, allocation="global", **extra
+            )
+            found[key] = (step, step_seconds, _layers(step_report))
         tuned = copy.deepcopy(model)
         torch.manual_seed(0)
         start = time.perf_counter()

@@ -35,7 +35,9 @@ LABELS = {
     "relu": "ours: relu",
     "corrective": "ours: relu + corrective (default)",
     "global": "ours: + global allocation",
+    "loss_aware": "ours: + loss-aware allocation",
     "refined": "ours: + block refinement",
+    "both": "ours: + loss-aware allocation + block refinement",
     "finetuned": "ours: + fine-tuned (after global)",
 }
 MiB = 2**20

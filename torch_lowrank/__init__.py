@@ -20,7 +20,8 @@ from .finetune import finetune_, merge_
 from .linear import LowRankLinear
 from .model import calibrate, default_forward
 from .options import METHODS
-from .recover import compress, recover_
+from .pipeline import compress
+from .recover import recover_
 from .report import LayerReport, Report
 from .serialize import load_state_dict
 

@@ -39,6 +39,8 @@ class LayerBudget:
         groups: independent blocks sharing one rank (a grouped conv's groups).
         positions: output positions per sample (1 for Linear): the multiply-accumulate weight.
         min_rank / max_rank: bounds on the rank (``max_rank`` None: up to break-even).
+        weight: what one unit of the layer's normalised error costs, against the other layers
+            (1: every layer alike; a loss sensitivity makes the errors one currency).
     """
 
     name: str
@@ -48,6 +50,7 @@ class LayerBudget:
     positions: int = 1
     min_rank: int = 1
     max_rank: int | None = None
+    weight: float = 1.0
 
     def unit_cost(self, budget: str) -> int:
         """The price of one unit of rank."""
@@ -69,7 +72,7 @@ def allocate(
     layers: list[LayerBudget], ratio: float, budget: str = "params", round_to: int = 1
 ) -> dict[str, int | None]:
     """Ranks that keep at most ``ratio`` of the layers' total cost and minimise the summed
-    normalised error; ``None`` means "keep dense".
+    normalised error (each layer's times its ``weight``); ``None`` means "keep dense".
 
     Args:
         layers: the layers to allocate.
@@ -105,7 +108,7 @@ def allocate(
             continue
         total_energy = float(layer.spectrum.sum())
         gains = (
-            (layer.spectrum / total_energy)
+            (layer.spectrum * (layer.weight / total_energy))
             if total_energy > 0
             else torch.zeros_like(layer.spectrum)
         )

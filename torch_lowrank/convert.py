@@ -104,6 +104,7 @@ def convert(
     round_to: int = 1,
     min_rank: int = 1,
     max_rank: int | None = None,
+    allocate_by: str = "spectra",
     overrides: dict[str, int] | None = None,
     offload: str | torch.device | None = None,
 ) -> nn.Module:
@@ -148,6 +149,13 @@ def convert(
             ``"flops"`` (multiply-accumulates; a conv counts its output positions).
         round_to: global allocation gives ranks that are multiples of this (e.g. 8).
         min_rank / max_rank: bounds on each rank under global allocation.
+        allocate_by: what global allocation weighs each layer's error by: ``"spectra"``
+            (default: normalised output spectra, every layer alike), ``"kl"`` (the measured
+            increase of the KL divergence of the model's output distributions per unit of the
+            layer's error; for models whose output holds logits over its last dimension) or
+            ``"mse"`` (the same with the output's relative squared error). The measured ones
+            need calibration data at recovery (``compress``, or ``recover_(data=...)``); see
+            ``docs/allocation.md``.
         overrides: fnmatch pattern -> rank for the layers that must have that rank (the first
             matching pattern wins); with global allocation the others share the rest.
         offload: a device such as ``"cpu"``: keep each converted layer's dense weight, its
@@ -179,9 +187,11 @@ def convert(
     if allocation == "global":
         if ratio is None:
             raise ValueError("convert: allocation='global' needs ratio= (the global budget)")
-        allocation_spec = GlobalAllocation(ratio, budget, round_to, min_rank, max_rank)
+        allocation_spec = GlobalAllocation(ratio, budget, round_to, min_rank, max_rank, allocate_by)
         ratio, rank = None, 1
     else:  # validate the specification once, on a shape every value fits
+        if allocate_by != "spectra":
+            raise ValueError(f"convert: allocate_by={allocate_by!r} needs allocation='global'")
         target_rank((1 << 20, 1 << 20), rank, ratio, energy, "convert")
     for pattern, fixed in (overrides or {}).items():
         target_rank((1 << 20, 1 << 20), fixed, None, None, f"convert: overrides[{pattern!r}]")

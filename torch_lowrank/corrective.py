@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -31,10 +30,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .activations import FoldedBatchNorm
 from .blocks import BlockCache, Chain, find_chains
 from .cross import CrossStats
-from .model import module_names, world_size
+from .model import module_names, stood_in, world_size
 from .observer import group_parts
 from .options import Options
 from .problem import Plan, plan_layer
@@ -91,37 +89,6 @@ def schedule(
         previous = x
     never = [m for m in modules if all(m is not seen for seen, _ in order)]
     return waves + ([never] if never else [])
-
-
-@contextmanager
-def _mode(
-    model: nn.Module,
-    staged: dict[nn.Module, nn.Module],
-    names: dict[nn.Module, list[str]],
-    fold: dict[nn.Module, list[str]],
-    compressed: bool,
-) -> Iterator[None]:
-    """Run the model as the compressed network (every ``staged`` module is stood in for by its
-    factors at every name, and the BatchNorm folded into it, at the names ``fold`` gives, is
-    bypassed) or, when not ``compressed``, as the original."""
-    swaps: list[tuple[str, nn.Module]] = []
-    for module, stand_in in staged.items() if compressed else ():
-        swaps += [(name, stand_in) for name in names[module] if name]
-        if fold.get(module):
-            folded = FoldedBatchNorm.like(module.folded_batchnorm[0])
-            swaps += [(name, folded) for name in fold[module]]
-    places: list[tuple[nn.Module, str, nn.Module]] = []
-    for name, stand_in in swaps:
-        parent_name, _, attr = name.rpartition(".")
-        places.append((model.get_submodule(parent_name), attr, stand_in))
-    originals = [getattr(parent, attr) for parent, attr, _ in places]
-    try:
-        for parent, attr, stand_in in places:
-            setattr(parent, attr, stand_in)
-        yield
-    finally:
-        for (parent, attr, _), original in zip(places, originals):
-            setattr(parent, attr, original)
 
 
 @torch.no_grad()
@@ -282,7 +249,7 @@ def corrective_plans(
     names = module_names(model)
 
     def mode(compressed: bool) -> contextlib.AbstractContextManager:
-        return _mode(model, staged, names, fold, compressed)
+        return stood_in(model, staged if compressed else {}, names, fold)
 
     counts = {"forward": 1}  # the schedule's pass
     held = sum(held_bytes(m) for m in modules)  # first-pass statistics, if any were kept

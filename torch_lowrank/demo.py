@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 from torch import Tensor, nn
 
-from .recover import compress
+from .pipeline import compress
 
 __all__ = ["DEFAULT_RATIOS", "VARIANTS", "load_digits", "train_mlp", "accuracy", "run", "main"]
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .activations import FoldedBatchNorm
 from .base import LowRankModule
 from .families import forward_kwargs
 
@@ -36,6 +37,7 @@ __all__ = [
     "replace_everywhere",
     "run_batch",
     "settings_of",
+    "stood_in",
     "world_size",
 ]
 
@@ -110,6 +112,46 @@ def settings_of(model: nn.Module) -> list:
         if calibrating and settings is not None and all(settings is not s for s in found):
             found.append(settings)
     return found
+
+
+@contextlib.contextmanager
+def stood_in(
+    model: nn.Module,
+    stand_ins: Mapping[nn.Module, nn.Module],
+    names: Mapping[nn.Module, list[str]],
+    fold: Mapping[nn.Module, list[str]],
+) -> Iterator[None]:
+    """Context manager: inside, every module of ``stand_ins`` is replaced at each of its
+    ``names`` by its stand-in (a calibrating layer by its solved factors), and the BatchNorm
+    folded into it, at the names ``fold`` gives, by a ``FoldedBatchNorm``; everything is put
+    back afterwards (also when the body fails).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> with stood_in(model, {model[0]: nn.Identity()}, module_names(model), {}):
+        ...     type(model[0]).__name__
+        'Identity'
+        >>> type(model[0]).__name__
+        'Linear'
+    """
+    swaps: list[tuple[str, nn.Module]] = []
+    for module, stand_in in stand_ins.items():
+        swaps += [(name, stand_in) for name in names[module] if name]
+        if fold.get(module):
+            folded = FoldedBatchNorm.like(module.folded_batchnorm[0])
+            swaps += [(name, folded) for name in fold[module]]
+    places: list[tuple[nn.Module, str, nn.Module]] = []
+    for name, stand_in in swaps:
+        parent_name, _, attr = name.rpartition(".")
+        places.append((model.get_submodule(parent_name), attr, stand_in))
+    originals = [getattr(parent, attr) for parent, attr, _ in places]
+    try:
+        for parent, attr, stand_in in places:
+            setattr(parent, attr, stand_in)
+        yield
+    finally:
+        for (parent, attr, _), original in zip(places, originals):
+            setattr(parent, attr, original)
 
 
 def world_size() -> int:

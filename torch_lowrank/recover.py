@@ -1,4 +1,4 @@
-"""Model-level recovery, all or nothing (:func:`recover_`), and the one-call :func:`compress`.
+"""Model-level recovery, all or nothing (:func:`recover_`).
 
 :func:`recover_` settles what follows each layer (the activation observed on the first forward,
 or the static answer), finds the BatchNorms to fold, chooses global ranks when asked, and solves
@@ -10,12 +10,10 @@ Every pass over data runs in eval mode and gives the caller's modes back.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
@@ -25,11 +23,10 @@ from . import distributed
 from .activations import FoldedBatchNorm
 from .allocation import LayerBudget, allocate, spectrum
 from .base import LowRankModule
-from .convert import convert, dense_row, revert
+from .convert import dense_row
 from .corrective import corrective_plans, device_of, solve_cost
 from .detect import settle_activations
 from .model import (
-    calibrate,
     default_forward,
     eval_mode,
     low_rank_modules,
@@ -44,9 +41,10 @@ from .options import Options, make_options
 from .problem import Plan, layer_row, plan_layer
 from .refine import RefineOptions, make_refine
 from .report import LayerReport, Report
+from .sensitivity import sensitivities
 from .settings import Settings
 
-__all__ = ["recover_", "compress"]
+__all__ = ["recover_"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,38 +53,48 @@ FoldNames = dict[nn.Module, list[str]]
 
 
 def _global_ranks(
+    model: nn.Module,
     found: dict[nn.Module, list[str]],
     fold: FoldNames,
     observed: dict[nn.Module, Observation],
     conversions: list[Settings],
+    data: Iterable[Any] | None,
+    forward_fn: Callable[[nn.Module, Any], Any],
 ) -> dict[nn.Module, int | None]:
     """Ranks for the modules awaiting global allocation (``None``: keep dense), one
-    allocation per conversion (``conversions``) that asked for it."""
+    allocation per conversion (``conversions``) that asked for it; with ``allocate_by`` other
+    than ``"spectra"``, each layer's error weighed by its measured sensitivity on ``data``."""
     chosen: dict[nn.Module, int | None] = {}
     for settings in (s for s in conversions if s.allocation is not None):
         spec = settings.allocation
-        layers, pending = [], {}
-        for module in (m for m in found if m.settings is settings):
-            seen = observed[module]
-            waiting = module.target_rank is None and module.energy is None
-            if seen.samples_seen == 0 or (module.target_rank is None and not waiting):
-                continue  # no data: goes back to dense; energy-chosen ranks are not allocated
-            m, n = module.matrix_shape
-            name = found[module][0]
-            if waiting:
+        ours = [m for m in found if m.settings is settings and observed[m].samples_seen > 0]
+        # no data: goes back to dense; energy-chosen ranks are not allocated
+        fixed = [m for m in ours if m.target_rank is not None]
+        pending = [m for m in ours if m.target_rank is None and m.energy is None]
+        if not pending:
+            continue
+        weights = {}
+        if spec.allocate_by != "spectra":
+            weights = sensitivities(model, pending, fold, observed, spec, data, forward_fn)
+        layers = []
+        for module in pending + fixed:
+            seen, (m, n) = observed[module], module.matrix_shape
+            if module in pending:
                 problem = module.problem(fold=bool(fold[module]), observation=seen, samples=False)
-                values = spectrum(problem)
-                low, high = spec.min_rank, spec.max_rank
-                pending[name] = module
+                values, low, high = spectrum(problem), spec.min_rank, spec.max_rank
             else:  # a fixed rank (overrides) spends its share of the budget first
                 values = torch.zeros(min(m, n), dtype=torch.float64)
                 values[0] = 1.0
                 low = high = module.target_rank
             positions = max(1, seen.samples_seen // max(seen.inputs_seen, 1))
-            layers.append(LayerBudget(name, (m, n), values, module.groups, positions, low, high))
-        if pending:
-            ranks = allocate(layers, spec.ratio, spec.budget, spec.round_to)
-            chosen.update({pending[name]: r for name, r in ranks.items() if name in pending})
+            layers.append(
+                LayerBudget(
+                    found[module][0], (m, n), values, module.groups, positions, low, high,
+                    weight=weights.get(module, 1.0),
+                )
+            )  # fmt: skip
+        ranks = allocate(layers, spec.ratio, spec.budget, spec.round_to)
+        chosen.update({m: ranks[found[m][0]] for m in pending})
     return chosen
 
 
@@ -203,14 +211,21 @@ def recover_(
     opts = make_options(method, _merged(options, kwargs), where="recover_")
     refining = make_refine(refine, where="recover_")
     if refining is not None:
-        _check_refine(data is not None and method != "svd", cache_blocks, "recover_")
+        check_refine(data is not None and method != "svd", cache_blocks, "recover_")
     found = {m: names for m, names in low_rank_modules(model).items() if m.calibrating}
+    conversions = settings_of(model)
+    measured = [s.allocation.allocate_by for s in conversions if s.allocation is not None]
+    by = next((b for b in measured if b != "spectra"), None)
+    if data is None and by is not None:
+        raise ValueError(
+            f"recover_: allocate_by={by!r} measures each layer's effect on the output\n"
+            "on calibration batches; pass them as data=..."
+        )
     if not found:
         warnings.warn(
             "recover_: the model has no calibrating low-rank module; call convert() first",
             stacklevel=2,
         )
-    conversions = settings_of(model)
     for settings in conversions:
         settings.hooks.abort()  # what an unfinished forward showed
         detector = settings.hooks.detector
@@ -227,7 +242,9 @@ def recover_(
             observed = distributed.summed_observations(found, device_of)
         else:
             observed = {m: m.observer.observation() for m in found}
-        ranks = _global_ranks(found, fold, observed, conversions)
+        ranks = _global_ranks(
+            model, found, fold, observed, conversions, data, forward_fn or default_forward
+        )
         kept = {
             m: Plan.dense("global allocation keeps it dense") for m, r in ranks.items() if r is None
         }
@@ -271,7 +288,7 @@ def recover_(
     return report
 
 
-def _check_refine(corrective: bool, cache_blocks: bool, where: str) -> None:
+def check_refine(corrective: bool, cache_blocks: bool, where: str) -> None:
     """Refinement runs on corrective recovery's block cache, in one process."""
     if not corrective:
         raise ValueError(
@@ -290,105 +307,3 @@ def _merged(options: dict | Options | None, kwargs: dict) -> dict | Options | No
     if options is not None and not isinstance(options, dict):
         raise TypeError("recover_: give options as an options object or as keywords, not both")
     return {**(options or {}), **kwargs}
-
-
-def _checked_data(data: Iterable[Any], corrective: bool) -> Iterable[Any]:
-    """``data``, checked before anything changes: not empty, and reusable when corrective
-    recovery will iterate it several times."""
-    one_shot = iter(data) is data
-    if one_shot and corrective:
-        raise TypeError(
-            "compress: data: corrective recovery iterates the calibration data several times\n"
-            "but got a one-shot iterator; pass a list or a DataLoader (or corrective=False)"
-        )
-    iterator = iter(data)
-    first = next(iterator, None)
-    if first is None:
-        raise ValueError("compress: data is empty; pass at least one calibration batch")
-    return itertools.chain([first], iterator) if one_shot else data
-
-
-@contextlib.contextmanager
-def _observers_disabled(model: nn.Module) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for module in low_rank_modules(model):
-            if module.calibrating:
-                stack.enter_context(module.observer.disabled())
-        yield
-
-
-def compress(
-    model: nn.Module,
-    data: Iterable[Any],
-    *,
-    method: str = "relu",
-    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-    corrective: bool = True,
-    options: dict | Options | None = None,
-    progress: bool = True,
-    cache_blocks: bool = True,
-    refine: bool | dict | RefineOptions | None = None,
-    **convert_kwargs: Any,
-) -> tuple[nn.Module, Report]:
-    """Convert, calibrate on ``data`` and recover, in one call (corrective by default).
-
-    Nothing changes until the call can succeed: bad arguments, empty data, a one-shot
-    iterator where the data is needed twice, or any failure on the way (an error in the
-    model's forward, Ctrl-C) leave the model as it was, every layer and buffer included.
-
-    Args:
-        model: the trained model (changed in place).
-        data: calibration batches (see :func:`default_forward`): a list or a DataLoader.
-        method: the recovery method (see :func:`recover_`).
-        forward_fn: ``forward_fn(model, batch)`` runs one batch; defaults to
-            :func:`default_forward`.
-        corrective: recover correctively (``recover_(model, data=data)``); ``False``: parallel
-            recovery from the first pass, which iterates the data only once.
-        options: the method's options (see :func:`recover_`).
-        progress: tqdm progress bars on an interactive terminal (``False``: never).
-        cache_blocks: see :func:`recover_`.
-        refine: refine each block after its corrective solve (see :func:`recover_`).
-        **convert_kwargs: passed to :func:`convert` (``rank`` / ``ratio`` / ``energy``,
-            ``include``, ``exclude``, ``add_bias``, ``samples``, ``activation``, ...).
-
-    Returns:
-        ``(model, report)``.
-
-    Example:
-        >>> import torch
-        >>> model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
-        >>> batches = [torch.randn(128, 32) for _ in range(4)]
-        >>> model, report = compress(model, batches, ratio=0.25)
-        >>> [row.rank for row in report.layers]
-        [5, 5]
-    """
-    opts = make_options(method, options, where="compress")
-    refining = make_refine(refine, where="compress")
-    if refining is not None:
-        _check_refine(corrective and method != "svd", cache_blocks, "compress")
-    samples = convert_kwargs.get("samples", 4096)
-    aware = method in ("relu", "nuclear") and convert_kwargs.get("activation", "auto") is not None
-    if aware and samples == 0:
-        raise ValueError(
-            f"compress: samples=0 keeps no sample rows, which method={method!r} needs\n"
-            "for layers followed by an activation; use samples > 0 or method='linear'"
-        )
-    data = _checked_data(data, corrective and method != "svd")
-    parallel_first = convert_kwargs.get("allocation", "uniform") == "global"
-    model = convert(model, **convert_kwargs)
-    try:
-        if corrective and method != "svd" and not parallel_first:
-            # Corrective recovery collects its own statistics wave by wave; the first pass only
-            # observes the activations, on one batch, and keeps no statistics.
-            with _observers_disabled(model):
-                calibrate(model, [next(iter(data))], forward_fn, progress=False)
-        else:
-            calibrate(model, data, forward_fn, progress)
-        report = recover_(
-            model, method=method, data=data if corrective else None, forward_fn=forward_fn,
-            progress=progress, cache_blocks=cache_blocks, refine=refining, options=opts,
-        )  # fmt: skip
-    except BaseException:
-        revert(model)
-        raise
-    return model, report

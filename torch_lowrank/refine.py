@@ -59,8 +59,8 @@ class RefineOptions:
         100
     """
 
-    steps: int = 600
-    lr: float = 3e-4
+    steps: int = 1000
+    lr: float = 1e-3
     optimizer: str | Callable[..., torch.optim.Optimizer] = "adam"
     held_out: int | None = None
     eval_every: int = 25
@@ -105,7 +105,7 @@ def make_refine(
 
     Example:
         >>> make_refine(True).steps, make_refine(False)
-        (600, None)
+        (1000, None)
         >>> make_refine({"stepz": 5})
         Traceback (most recent call last):
         ...

@@ -19,6 +19,9 @@ from .report import LayerReport
 __all__ = ["GlobalAllocation", "Settings"]
 
 BUDGETS = ("params", "flops")
+#: What global allocation weighs the layers' errors by: their normalised spectra alone, or the
+#: measured effect of each layer's error on the model's output (:mod:`torch_lowrank.sensitivity`).
+ALLOCATE_BY = ("spectra", "kl", "mse")
 
 
 def _int_at_least(name: str, value: Any, low: int) -> int:
@@ -36,6 +39,9 @@ class GlobalAllocation:
         budget: what is counted: ``"params"`` (weights) or ``"flops"``.
         round_to: ranks are multiples of this.
         min_rank / max_rank: bounds on every allocated rank.
+        allocate_by: ``"spectra"`` (every layer's normalised error alike), ``"kl"`` or ``"mse"``
+            (each layer's error weighed by its measured effect on the output: the KL divergence
+            of the output distributions, for logits, or the relative squared error).
 
     Example:
         >>> GlobalAllocation(0.5, min_rank=4, max_rank=2)
@@ -50,6 +56,7 @@ class GlobalAllocation:
     round_to: int = 1
     min_rank: int = 1
     max_rank: int | None = None
+    allocate_by: str = "spectra"
 
     def __post_init__(self) -> None:
         ratio = self.ratio
@@ -59,6 +66,11 @@ class GlobalAllocation:
         if self.budget not in BUDGETS:
             raise ValueError(
                 f"convert: budget must be 'params' or 'flops'\nbut got {self.budget!r}"
+            )
+        if self.allocate_by not in ALLOCATE_BY:
+            raise ValueError(
+                f"convert: allocate_by must be one of {', '.join(ALLOCATE_BY)}\n"
+                f"but got {self.allocate_by!r}"
             )
         object.__setattr__(self, "round_to", _int_at_least("round_to", self.round_to, 1))
         object.__setattr__(self, "min_rank", _int_at_least("min_rank", self.min_rank, 1))
@@ -78,6 +90,7 @@ class GlobalAllocation:
             "round_to": self.round_to,
             "min_rank": self.min_rank,
             "max_rank": self.max_rank,
+            "allocate_by": self.allocate_by,
         }
 
 

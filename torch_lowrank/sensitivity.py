@@ -1,0 +1,146 @@
+"""Loss-aware global allocation: how much each layer's error moves the model's output.
+
+Global allocation from spectra alone (``allocate_by="spectra"``) minimises the sum of the
+layers' *normalised* errors: a unit of relative error costs the same in every layer. But an
+error in one layer may move the model's output far more than the same error in another. With
+``allocate_by="kl"`` (or ``"mse"``) every layer's error is put in one currency first: the layer
+alone is replaced by its ``linear`` factors at the rank a uniform ``ratio`` would give it, the
+first :data:`PROBE_BATCHES` calibration batches are run, and the change of the model's output
+(the KL divergence of the output distributions, or the output's relative squared error) is
+divided by the layer's own relative error at that rank. The allocation then minimises the
+summed normalised errors, each times its layer's sensitivity
+(:class:`~torch_lowrank.allocation.LayerBudget` ``weight``). It costs one closed-form solve and
+``PROBE_BATCHES`` forward passes per layer, and uses nothing but the calibration batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import statistics
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .model import module_names, stood_in, world_size
+from .observer import Observation
+from .options import LinearOptions
+from .problem import plan_layer
+from .ranks import target_rank
+from .settings import GlobalAllocation
+from .solvers import relative_error
+
+__all__ = ["PROBE_BATCHES", "output_distance", "output_tensor", "sensitivities"]
+
+#: Calibration batches run per probed layer.
+PROBE_BATCHES = 4
+
+
+def output_tensor(output: Any) -> Tensor:
+    """The tensor a model's output is compared by: the output itself, its ``logits`` (Hugging
+    Face outputs) or the first tensor of a tuple or list.
+
+    Example:
+        >>> output_tensor((torch.ones(2), "cache")).shape
+        torch.Size([2])
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else None
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        "allocate_by: the model's output must be a tensor, have .logits, or start with a tensor\n"
+        f"but got {type(output).__name__}"
+    )
+
+
+def output_distance(kind: str, outputs: list[Tensor], dense: list[Tensor]) -> float:
+    """How far ``outputs`` are from ``dense``: ``"kl"``, the mean KL divergence
+    ``KL(softmax(dense) || softmax(output))`` over the last dimension, per position; ``"mse"``,
+    ``sum ||output - dense||^2 / sum ||dense - mean||^2``.
+
+    Example:
+        >>> dense = [torch.tensor([[2.0, 0.0]])]
+        >>> output_distance("kl", dense, dense), output_distance("mse", [dense[0] + 1], dense)
+        (0.0, 1.0)
+    """
+    if kind == "kl":
+        total = positions = 0.0
+        for out, ref in zip(outputs, dense):
+            p, q = ref.double().log_softmax(-1), out.double().log_softmax(-1)
+            total += float((p.exp() * (p - q)).sum())
+            positions += ref.numel() // max(ref.shape[-1], 1)
+        return total / max(positions, 1)
+    error = sum(float((o.double() - r.double()).square().sum()) for o, r in zip(outputs, dense))
+    spread = sum(float((r.double() - r.double().mean()).square().sum()) for r in dense)
+    return error / spread if spread > 0 else 0.0
+
+
+def _probe_rank(module: nn.Module, spec: GlobalAllocation) -> int:
+    """The rank a uniform ``spec.ratio`` gives the layer, within the allocation's bounds."""
+    shape = module.matrix_shape
+    rank = target_rank(shape, None, spec.ratio, None, module.layer_name, "probe")
+    rank = max(rank, spec.min_rank)
+    return rank if spec.max_rank is None else min(rank, spec.max_rank)
+
+
+def sensitivities(
+    model: nn.Module,
+    modules: list[nn.Module],
+    fold: Mapping[nn.Module, list[str]],
+    observed: Mapping[nn.Module, Observation],
+    spec: GlobalAllocation,
+    data: Iterable[Any],
+    forward_fn: Callable[[nn.Module, Any], Any],
+) -> dict[nn.Module, float]:
+    """Each module's output change per unit of its relative error (see the module docstring);
+    a layer that cannot be probed (no saving rank) gets the median of the others. The model
+    and its statistics are left as they were.
+
+    Args:
+        model: the calibrating model (in eval mode).
+        modules: the calibrating modules whose ranks are allocated.
+        fold: per module, the names of the BatchNorm folded into it (empty: none).
+        observed: per module, the statistics to solve from.
+        spec: the allocation (its ``ratio``, rank bounds and ``allocate_by``).
+        data: the calibration batches; the first :data:`PROBE_BATCHES` are run.
+        forward_fn: how to run one batch.
+    """
+    batches = list(itertools.islice(iter(data), PROBE_BATCHES))
+    names = module_names(model)
+    measured: dict[nn.Module, float] = {}
+    with contextlib.ExitStack() as quiet, torch.no_grad():
+        for module in names:  # the probes must not add to any layer's statistics
+            if getattr(module, "calibrating", False):
+                quiet.enter_context(module.observer.disabled())
+        dense = [output_tensor(forward_fn(model, batch)) for batch in batches]
+        for module in modules:
+            plan = plan_layer(
+                module, "linear", LinearOptions(), fold=bool(fold[module]),
+                rank=_probe_rank(module, spec), observation=observed[module],
+            )  # fmt: skip
+            if plan.factors is None:
+                continue
+            error = relative_error(
+                sum(f.error for f in plan.factors), sum(f.variance for f in plan.factors)
+            )
+            if not error > 0:  # exact at that rank, or no variance: nothing to measure
+                continue
+            folded = {module: fold[module]} if plan.folded else {}
+            with stood_in(model, {module: nn.Sequential(*plan.layers)}, names, folded):
+                outputs = [output_tensor(forward_fn(model, batch)) for batch in batches]
+            measured[module] = output_distance(spec.allocate_by, outputs, dense) / error
+    fallback = statistics.median(measured.values()) if measured else 1.0
+    weights = {module: measured.get(module, fallback) for module in modules}
+    if world_size() > 1:  # every rank probed its own batches: all allocate from the mean
+        values = torch.tensor(
+            list(weights.values()), dtype=torch.float64, device=modules[0].matrices()[0][0].device
+        )
+        torch.distributed.all_reduce(values)
+        weights = dict(zip(weights, (values / world_size()).tolist()))
+    return weights
