@@ -202,6 +202,7 @@ def recover_(
 
     Example:
         >>> import torch
+        >>> from torch_lowrank import calibrate, convert
         >>> model = convert(nn.Sequential(nn.Linear(32, 32), nn.ReLU()), rank=4)
         >>> _ = calibrate(model, [torch.randn(64, 32)])
         >>> report = recover_(model)
