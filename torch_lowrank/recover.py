@@ -210,7 +210,7 @@ def recover_(
         4
     """
     opts = make_options(method, _merged(options, kwargs), where="recover_")
-    refining = make_refine(refine, where="recover_")
+    refining = None if refine is None or refine is False else make_refine(refine, where="recover_")
     if refining is not None:
         check_refine(data is not None and method != "svd", cache_blocks, "recover_")
     found = {m: names for m, names in low_rank_modules(model).items() if m.calibrating}
