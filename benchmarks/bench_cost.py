@@ -55,7 +55,7 @@ __all__ = ["calibration", "recovery", "memory"]
 RATIO = 0.4  # the rank rule used for the cost measurements
 # How many times the calibration batches are repeated for the calibration overhead: a plain
 # forward then takes about 0.1 s on 2 CPU cores. Fixed, because the number of rows changes the
-# cost of the reservoir (it copies about ``samples (1 + ln(N / samples))`` of ``N`` rows).
+# cost of the reservoir (it builds ``min(rows, samples)`` candidates per batch).
 # Until 2026-11 the count was chosen per run from a timed forward, which gave the Fashion MLP
 # 32 to 48 batches; these are the counts that rule gave most often.
 PASSES = {"digits": 12, "fashion_mlp": 5, "fashion_cnn": 1, "char_lm": 1}

@@ -12,14 +12,14 @@ and two reservoirs merge *exactly*: the top ``capacity`` keys of the union are a
 the union, which is what calibration split across processes needs.
 
 Rows are built only when they can enter (:meth:`Reservoir.offer`): a batch's keys are drawn
-first, a full reservoir screens them against its smallest kept key, and a batch of millions of
-conv patches costs one key per position and at most ``capacity`` patches built.
+first and only the rows of its top ``capacity`` keys are built, so a batch of millions of conv
+patches costs one key per position and at most ``capacity`` patches built.
 
-Storage has ``capacity`` slots plus a quarter as many spare ones. The used slots come first, so a
-batch's candidates are gathered straight into the free slots after them (one ``index_select``,
-no intermediate copy). When the free slots run out, the rows outside the top ``capacity`` keys
-are dropped: kept rows from the spare slots move into the places of dropped ones (at most one
-spare's worth of rows), and the spare slots are free again.
+Every selection has a size known from shapes alone, so calibration never waits for the device
+(no ``nonzero``, no ``item``): a full reservoir pairs the batch's ``k`` largest keys with its
+``k`` smallest kept ones and keeps the larger of each pair (:func:`exchange_slots`); one
+``index_copy_`` moves the candidates into place, those that do not enter into a scratch slot.
+Storage is ``capacity`` slots plus the scratch slot once full.
 
 Keys come from :func:`torch.rand` (the global generator, on the rows' device), so results are
 reproducible under :func:`torch.manual_seed`.
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ._grad import no_grad
 
-__all__ = ["Reservoir"]
+__all__ = ["Reservoir", "exchange_slots"]
 
 
 class Reservoir:
@@ -80,16 +80,10 @@ class Reservoir:
         self.features: int | None = None  # the row width, fixed by the first batch
         self._count = 0
         # slot storage: rows (float32 or float64) and their float64 keys; the first ``_held``
-        # slots are in use. It doubles while filling, up to ``capacity`` plus a quarter spares.
+        # slots are in use. It doubles while filling, up to exactly ``capacity`` slots.
         self._rows: Tensor | None = None
         self._keys: Tensor | None = None
-        self._held = 0  # the first slots, in use: kept rows and candidates not yet screened
-        self._threshold: Tensor | None = None  # the smallest kept key at the last settle
-
-    @property
-    def _slots(self) -> int:
-        """The most slots the storage may hold: ``capacity`` plus a quarter as many spares."""
-        return self.capacity + max(1, self.capacity // 4)
+        self._held = 0  # the slots in use: min(count, capacity), known from shapes alone
 
     @property
     def count(self) -> int:
@@ -115,7 +109,6 @@ class Reservoir:
         """
         if self._rows is None:
             return torch.empty(0, self.features or 0)
-        self._settle()
         return self._rows[: self._held]
 
     @property
@@ -123,7 +116,6 @@ class Reservoir:
         """The random keys of the kept rows, ``(min(count, capacity),)`` float64, row by row."""
         if self._keys is None:
             return torch.empty(0, dtype=torch.float64)
-        self._settle()
         return self._keys[: self._held]
 
     @classmethod
@@ -139,23 +131,27 @@ class Reservoir:
         """
         sample = cls(capacity)
         sample.features = rows.shape[1]
-        sample._count = count
         if rows.shape[0]:
-            sample._insert(rows, keys)
+            sample._take(
+                keys,
+                lambda index: rows if index is None else rows.index_select(0, index),
+                rows.device,
+            )
+        sample._count = count
         return sample
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the storage (rows and keys, spare slots included), in bytes.
+        """Memory held by the storage (rows and keys), in bytes.
 
-        While filling, the storage doubles (at most twice the rows held, 2.5 times on the
-        step to full size); once full it has ``capacity`` slots plus a quarter as many spares.
+        While filling, the storage doubles (at most twice the rows held); once full it has
+        ``capacity`` slots and one scratch slot.
 
         Example:
             >>> sample = Reservoir(8)
             >>> sample.update(torch.randn(100, 4, dtype=torch.float16))
-            >>> sample.nbytes  # 8 + 2 slots, each a row of 4 float32 and a float64 key
-            240
+            >>> sample.nbytes  # 8 slots and a scratch one: a row of 4 float32, a float64 key
+            216
         """
         if self._rows is None:
             return 0
@@ -169,72 +165,79 @@ class Reservoir:
             )
         self._check_device(rows.device)
 
-    def _insert(self, rows: Tensor, keys: Tensor, index: Tensor | None = None) -> None:
-        """Copy candidate rows with their ``keys`` into the free slots, once each: ``rows`` and
-        ``keys`` themselves, or ``rows[index]`` and ``keys[index]`` gathered straight into
-        place; when the free slots run out, settle first."""
-        work = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        if self._rows is not None and self._rows.dtype != work:
-            work = torch.float64  # float32 and float64 batches mixed: keep the precision
-            self._rows = self._rows.to(work)
-        place = self.store or rows.device
-        start, total = 0, (keys if index is None else index).shape[0]
-        while start < total:
-            take = min(self._room(total - start, rows.shape[1], work, place), total - start)
-            slots = slice(self._held, self._held + take)
-            part = slice(start, start + take)
-            for source, dest in ((rows, self._rows[slots]), (keys, self._keys[slots])):
-                if index is None:
-                    dest.copy_(source[part])
-                elif source.dtype == dest.dtype and source.device == dest.device:
-                    torch.index_select(source, 0, index[part], out=dest)
-                else:  # cast, or move to the store: gather on the rows' device first
-                    dest.copy_(source.index_select(0, index[part]))
-            self._held += take
-            start += take
+    def _check_device(self, device: torch.device) -> None:
+        if self.store is None and self._rows is not None and device != self._rows.device:
+            raise ValueError(
+                f"expected rows on {self._rows.device}, where the reservoir lives\n"
+                f"but got rows on {device}"
+            )
 
-    def _room(self, want: int, width: int, dtype: torch.dtype, device: torch.device) -> int:
-        """The number of free slots (at least one), growing or settling to make ``want``."""
+    def _storage(self, want: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Make room for ``want`` more rows, doubling up to ``capacity`` slots (and the scratch
+        slot); rows are float64 as soon as one batch was (``dtype``: the batch's work dtype)."""
+        if self._rows is not None and self._rows.dtype != dtype:
+            self._rows = self._rows.to(torch.float64)  # float32 and float64 mixed
         length = 0 if self._keys is None else self._keys.shape[0]
-        if length - self._held >= want:
-            return length - self._held
-        if length < self._slots:  # double; straight to full size once past the capacity
-            size = max(self._held + want, 2 * length)
-            size = self._slots if size >= self.capacity else size
-            rows = torch.empty(size, width, dtype=dtype, device=device)
-            keys = torch.empty(size, dtype=torch.float64, device=device)
-            if self._held:
-                rows[: self._held] = self._rows[: self._held]
-                keys[: self._held] = self._keys[: self._held]
-            self._rows, self._keys = rows, keys
-            length = size
-        if length - self._held < want:
-            self._settle()
-        return length - self._held
+        if min(length, self.capacity) >= self._held + want:
+            return
+        size = min(self.capacity, max(self._held + want, 2 * length))
+        size += size == self.capacity  # full: the scratch slot of :meth:`_exchange`
+        dtype = dtype if self._rows is None else self._rows.dtype
+        rows = torch.empty(size, width, dtype=dtype, device=device)
+        keys = torch.empty(size, dtype=torch.float64, device=device)
+        if self._held:
+            rows[: self._held] = self._rows[: self._held]
+            keys[: self._held] = self._keys[: self._held]
+        self._rows, self._keys = rows, keys
 
-    def _settle(self) -> None:
-        """Keep the rows of the top ``capacity`` keys in the first ``capacity`` slots and free
-        the others; note the smallest kept key as the screening threshold."""
-        if self._held < self.capacity:
-            return
-        keys = self._keys[: self._held]
-        if self._held == self.capacity:  # just full: screen against the smallest kept key
-            if self._threshold is None:
-                self._threshold = keys.min()
-            return
-        # the (held - capacity)-th smallest key splits the rows and is the new threshold;
-        # random float64 keys do not tie, but should they, topk keeps exactly ``capacity``
-        cut = torch.kthvalue(keys, self._held - self.capacity).values
-        kept = keys > cut
-        if int(kept.sum()) != self.capacity:
-            kept = torch.zeros_like(kept)
-            kept[torch.topk(keys, self.capacity).indices] = True
-        # as many kept rows sit past the first ``capacity`` slots as dropped ones before them
-        holes = torch.nonzero(~kept[: self.capacity]).squeeze(1)
-        movers = torch.nonzero(kept[self.capacity :]).squeeze(1) + self.capacity
-        self._rows.index_copy_(0, holes, self._rows.index_select(0, movers))
-        self._keys.index_copy_(0, holes, self._keys.index_select(0, movers))
-        self._held, self._threshold = self.capacity, cut
+    def _take(
+        self, keys: Tensor, rows_at: Callable[[Tensor | None], Tensor], device: torch.device
+    ) -> None:
+        """Take the rows of ``keys`` (one per row offered) that belong to the sample: build
+        them with ``rows_at`` once (``None``: every row), append them while there is room and
+        exchange them for kept rows with smaller keys after. Sizes depend on shapes only."""
+        count, room = keys.shape[0], self.capacity - self._held
+        if count <= room:
+            index, order = None, keys
+        else:  # only the batch's top keys can enter; the top ``room`` of them always do
+            order, index = torch.topk(keys, min(count, self.capacity))
+        rows = rows_at(index).detach()
+        self._check_rows(rows)
+        if self.features is None:
+            self.features = rows.shape[1]
+        work = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        place = self.store or rows.device
+        fill = min(room, order.shape[0])
+        self._storage(fill, rows.shape[1], work, place)
+        if fill:
+            slots = slice(self._held, self._held + fill)
+            self._rows[slots] = rows[:fill]
+            self._keys[slots] = order[:fill]
+            self._held += fill
+        if order.shape[0] > fill:  # the rest are exchanged for kept rows of smaller keys
+            keys = order[fill:].to(self._keys.device)
+            slots = exchange_slots(self._keys[: self.capacity], keys, scratch=self.capacity)
+            self._rows.index_copy_(0, slots, rows[fill:].to(self._rows))
+            self._keys.index_copy_(0, slots, keys)
+
+    def _fits_in_place(self, rows: Tensor) -> bool:
+        """A full reservoir can take ``rows`` as they are: no more than ``capacity`` of them,
+        of the storage's dtype and device."""
+        return (
+            self._held == self.capacity
+            and rows.shape[0] <= self.capacity
+            and rows.dtype == self._rows.dtype
+            and rows.device == self._rows.device
+        )
+
+    def _exchange_in_place(self, rows: Tensor, keys: Tensor) -> None:
+        """The exchange of :meth:`_take`, copying every row of the batch once, straight into its
+        slot (or the scratch slot): no gathered copy of the candidates."""
+        order, index = torch.topk(keys, keys.shape[0])
+        slots = exchange_slots(self._keys[: self.capacity], order, scratch=self.capacity)
+        slots = torch.empty_like(slots).index_copy_(0, index, slots)  # row i -> its slot
+        self._rows.index_copy_(0, slots, rows)
+        self._keys.index_copy_(0, slots, keys)
 
     @no_grad
     def update(self, rows: Tensor) -> None:
@@ -250,24 +253,31 @@ class Reservoir:
         self._check_rows(rows)
         if self.features is None:
             self.features = rows.shape[1]
-        rows = rows.detach()
-        index, keys = self._candidates(rows.shape[0], rows.device)
+        if rows.shape[0]:
+            keys = torch.rand(rows.shape[0], device=rows.device, dtype=torch.float64)
+            if self._fits_in_place(rows):
+                self._exchange_in_place(rows, keys)
+                self._count += rows.shape[0]
+                return
+            self._take(
+                keys,
+                lambda index: rows if index is None else rows.index_select(0, index),
+                rows.device,
+            )
         self._count += rows.shape[0]
-        if index is None or index.shape[0]:
-            self._insert(rows, keys, index=index)
 
     @no_grad
     def offer(
         self,
         count: int,
-        rows_at: Callable[[Tensor], Tensor],
+        rows_at: Callable[[Tensor | None], Tensor],
         device: str | torch.device = "cpu",
     ) -> None:
         """Offer ``count`` rows that are only built if they can enter the sample.
 
         Every row gets its key first; ``rows_at(index)`` is then called once, with the
-        positions (a ``LongTensor`` on ``device``) of at most ``capacity`` rows that can still
-        enter, or ``None`` when all ``count`` rows can, and must return those rows
+        positions (a ``LongTensor`` on ``device``) of the ``min(count, capacity)`` rows of the
+        largest keys, or ``None`` when all ``count`` rows fit, and must return those rows
         ``(len(index), w)`` (they are copied before ``offer`` returns). A conv offers its output
         positions this way and builds only the chosen patches.
 
@@ -283,42 +293,8 @@ class Reservoir:
             return
         device = torch.device(device)
         self._check_device(device)
-        index, keys = self._candidates(count, device)
-        rows = rows_at(index).detach() if index is None or index.shape[0] else None
-        if rows is not None:
-            self._check_rows(rows)
-            if self.features is None:
-                self.features = rows.shape[1]
+        self._take(torch.rand(count, device=device, dtype=torch.float64), rows_at, device)
         self._count += count
-        if rows is not None:
-            self._insert(rows, keys if index is None else keys.index_select(0, index))
-
-    def _check_device(self, device: torch.device) -> None:
-        if self.store is None and self._rows is not None and device != self._rows.device:
-            raise ValueError(
-                f"expected rows on {self._rows.device}, where the reservoir lives\n"
-                f"but got rows on {device}"
-            )
-
-    def _candidates(self, count: int, device: torch.device) -> tuple[Tensor | None, Tensor]:
-        """Draw ``count`` keys on ``device``; return the positions of the rows that can enter
-        (``None``: all of them) and all ``count`` keys."""
-        keys = torch.rand(count, device=device, dtype=torch.float64)
-        if self._held >= self.capacity:
-            # A row whose key is below the smallest kept key can never enter: screen first.
-            # The threshold dates from the last settle; lagging behind, it only lets more in.
-            if self._threshold is None:
-                self._settle()
-            if self._threshold.device != device:
-                self._threshold = self._threshold.to(device)
-            index = torch.nonzero(keys > self._threshold).squeeze(1)
-            if index.shape[0] > self.capacity:  # only the batch's own top keys can enter
-                index = index[torch.topk(keys[index], self.capacity).indices]
-        elif count > self.capacity:
-            index = torch.topk(keys, self.capacity).indices
-        else:
-            return None, keys  # all of them
-        return index, keys
 
     @torch.no_grad()
     def merge_(self, other: Reservoir) -> Reservoir:
@@ -352,7 +328,10 @@ class Reservoir:
             )
         device = other._rows.device if self._rows is None else self._rows.device
         self.features = other.features
-        self._insert(other.rows.to(device), other.keys.to(device))
+        rows, keys = other.rows.to(device), other.keys.to(device)
+        self._take(
+            keys, lambda index: rows if index is None else rows.index_select(0, index), device
+        )
         self._count += other._count
         return self
 
@@ -392,3 +371,25 @@ class Reservoir:
                 cls.from_sample(capacity, part_rows[valid].to(dtype), part_keys[valid], count)
             )
         return merged
+
+
+def exchange_slots(held: Tensor, offered: Tensor, scratch: int) -> Tensor:
+    """Where ``offered`` keys go in a full sample of ``held`` keys so that the sample keeps the top
+    ``len(held)`` keys of both: a slot of ``held`` or ``scratch`` (does not enter), one per
+    offered key, found with sizes known from shapes alone (no host synchronisation).
+
+    ``offered`` must be in decreasing order, at most ``len(held)`` of them. Its ``k`` keys are
+    paired with the ``k`` smallest held keys in increasing order; ``offered[i] - held_i``
+    decreases along the pairs, so the offered keys that win their pair are a prefix, and
+    replacing the losers of every pair leaves exactly the largest keys (the smallest kept key,
+    ``min(offered[j], held_{j+1})``, exceeds the largest dropped one, ``max(held_j,
+    offered[j+1])``).
+
+    Example:
+        >>> held = torch.tensor([0.5, 0.1, 0.9, 0.3], dtype=torch.float64)
+        >>> offered = torch.tensor([0.8, 0.2], dtype=torch.float64)
+        >>> exchange_slots(held, offered, scratch=4).tolist()
+        [1, 4]
+    """
+    smallest, slots = torch.topk(held, offered.shape[0], largest=False)
+    return torch.where(offered > smallest, slots, scratch)
