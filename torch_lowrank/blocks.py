@@ -349,8 +349,8 @@ class BlockCache:
         def run(entry: dict[bool, Call], compressed: bool) -> None:
             call = self._use(entry[compressed])
             call = self.chain.with_stream(call, _clone(self.chain.stream_of(call)))
+            self.block_passes += 1  # first: a pass may end early once the wave has its inputs
             with self.mode(compressed):
                 self.chain.run(self.index, call)
-            self.block_passes += 1
 
         return [lambda compressed, entry=entry: run(entry, compressed) for entry in self.entries]
