@@ -105,7 +105,11 @@ def _leading(matrix: Tensor, rank: int | None, energy: float | None) -> Eigen:
     """The top-r eigenpairs of ``matrix`` for the rank asked (``rest``: the eigenvalues left
     out). ``values`` is the whole spectrum, or only the top r where a fixed rank lets
     :func:`~torch_lowrank.eigen.top_eigh` iterate more cheaply than a full decomposition."""
-    if rank is not None and 1 <= rank <= matrix.shape[0] and subspace_is_cheaper(*matrix.shape):
+    if (
+        rank is not None
+        and 1 <= rank <= matrix.shape[0]
+        and subspace_is_cheaper(matrix.shape[0], rank)
+    ):
         top = top_eigh(matrix, rank)
         if top.method == "subspace":
             return top
@@ -388,8 +392,9 @@ def corrective(
         total = variance + float((W @ mean).square().sum())
     # The error of Z = up down on the data (the intercept makes the means agree):
     # E||W x - Z x~||^2 = tr(W Cx W^T) - 2 tr(W Ctx^T Z^T) + tr(Z Ct Z^T), up orthonormal.
+    # tr(Z Ct Z^T) = tr(up^T B Ct B^T up): the kept eigenvalues, as down = up^T B.
     cross_term = float(((fit.up.T @ target.T) * fit.down).sum())
-    fitted = float(((fit.down @ moment_tilde) * fit.down).sum())
+    fitted = float(fit.spectrum[: fit.rank].sum())
     fit.error = max(total - 2 * cross_term + fitted, 0.0)
     fit.variance = variance
     return fit
