@@ -21,6 +21,7 @@ This is not GPTQ-style "sequential" calibration, which feeds ``x~`` but targets 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from . import distributed
 from .activations import FoldedBatchNorm
 from .blocks import BlockCache, find_chains
 from .cross import CrossStats
+from .linear import LowRankLinear
 from .memory import plan_bytes, shed_factors, solve_working_bytes, tensor_bytes
 from .model import module_names
 from .observer import group_parts
@@ -154,6 +156,7 @@ def _accumulate_wave(
     ``stop`` (each module of the wave runs once per pass) a pass ends once the wave has its
     inputs. ``clock["passes"]`` and ``clock["statistics"]`` receive the seconds spent."""
     paired: dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]] = {}
+    leaders: dict[nn.Module, nn.Module] = {}  # a Linear fed the same tensors shares their moments
     clock = {"passes": 0.0, "statistics": 0.0} if clock is None else clock
     for run in runs:
         inputs: dict[bool, dict[nn.Module, list[Tensor]]] = {}
@@ -170,26 +173,64 @@ def _accumulate_wave(
             inputs[compressed] = store
         passed = time.perf_counter()
         clock["passes"] += passed - started
+        for module, leader in list(leaders.items()):  # inputs that part: the state so far, copied
+            if not _same_inputs(leader, module, inputs):
+                del leaders[module]
+                paired[module] = [(copy.deepcopy(c), r) for c, r in paired[module]]
         for module in wave:
             n, groups, samples = module.matrix_shape[1], module.groups, module.observer.samples
             keep = with_samples and samples > 0  # samples=0: the solve names the layer
             if module not in paired:
+                leader = next((o for o in paired if _same_inputs(o, module, inputs)), None)
+                if leader is not None:
+                    leaders[module] = leader
                 paired[module] = [
                     (
-                        CrossStats(n, module.offload),
+                        paired[leader][j][0]
+                        if leader is not None
+                        else CrossStats(n, module.offload),
                         Reservoir(samples, module.offload) if keep else None,
                     )
-                    for _ in range(groups)
+                    for j in range(groups)
                 ]
+            shared = module in leaders  # its moments are its leader's: only its reservoir to fill
             for x, x_tilde in zip(inputs[False][module], inputs[True][module]):
+                if shared and not keep:
+                    break
                 for rows, rows_tilde in zip(module.input_rows(x), module.input_rows(x_tilde)):
                     parts = zip(group_parts(rows, n, groups), group_parts(rows_tilde, n, groups))
                     for (cross, reservoir), (part, part_tilde) in zip(paired[module], parts):
-                        cross.update(part_tilde, part)
+                        if not shared:
+                            cross.update(part_tilde, part)
                         if reservoir is not None:
                             reservoir.update(torch.cat([part_tilde, part], 1))
         clock["statistics"] += time.perf_counter() - passed
     return paired
+
+
+def _same_inputs(a: nn.Module, b: nn.Module, inputs: dict[bool, dict]) -> bool:
+    """Whether Linears ``a`` and ``b`` were fed the very same tensors in both networks (q, k
+    and v): their paired moments are then the same, and computed once."""
+    if not (isinstance(a, LowRankLinear) and type(a) is type(b)) or a.offload != b.offload:
+        return False
+    if (a.matrix_shape[1], a.groups) != (b.matrix_shape[1], b.groups):
+        return False
+    return all(
+        len(inputs[c][a]) == len(inputs[c][b])
+        and all(_same_tensor(x, y) for x, y in zip(inputs[c][a], inputs[c][b]))
+        for c in (False, True)
+    )
+
+
+def _same_tensor(x: Tensor, y: Tensor) -> bool:
+    """Whether two captured inputs (``detach``-ed views) are views of the same memory alike."""
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device) == (
+        y.data_ptr(),
+        y.shape,
+        y.stride(),
+        y.dtype,
+        y.device,
+    )
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -306,11 +347,8 @@ def corrective_plans(
             needs_rows = method in ("relu", "nuclear")
             stop = all(m in once for m in wave)
             paired = _accumulate_wave(wave, runs, needs_rows, clock, stop)
-            wave_bytes = sum(
-                cross.nbytes + (0 if reservoir is None else reservoir.nbytes)
-                for pairs in paired.values()
-                for cross, reservoir in pairs
-            )
+            held_now = {id(t): t for pairs in paired.values() for pair in pairs for t in pair}
+            wave_bytes = sum(t.nbytes for t in held_now.values() if t is not None)
             peak = max(peak, held + wave_bytes + cache.nbytes)
             memory["block_cache_bytes"] = max(memory["block_cache_bytes"], cache.nbytes)
             if distributed.active():  # every rank saw a shard: sum the pairs of all ranks
