@@ -117,6 +117,13 @@ def memory_parts(layers: int, width: int, tokens: int, bytes_per_weight: int = 4
     }
 
 
+def peak_bytes(parts: dict) -> int:
+    """The projected peak: the model, the staged factors and the block cache throughout, and
+    the larger of a wave's accumulating statistics and its solve (frozen moments included)."""
+    rest = parts["model"] + parts["staged factors"] + parts["block cache"]
+    return rest + max(parts["wave statistics"], parts["solve"])
+
+
 def project(runs: list[Run], sequence: int) -> list[dict]:
     """Seconds per phase for the projected models, from constants fitted to ``runs``
     (least squares through the origin on the measured linear runs)."""
@@ -137,6 +144,47 @@ def project(runs: list[Run], sequence: int) -> list[dict]:
         rows.append({"model": name, "layers": layers, "width": width, "tokens": tokens,
                      "thread_seconds": seconds, "memory": parts})  # fmt: skip
     return rows
+
+
+#: Assumed sustained rates of one GPU, for the projection only (not measured here): float32
+#: matmuls for passes and statistics, float64 for the Cholesky solves and products.
+GPU_FLOPS = {"passes": 40e12, "statistics": 40e12, "solves": 20e12}
+#: FLOPs per unit of :func:`work`: two modes and about 2.6 block-equivalents of partial passes
+#: per block (passes), 2.25 products of 2 FLOPs (statistics), ~150 d^3 of float64 work per
+#: block, 4d wide (solves).
+FLOPS_PER_UNIT = {"passes": 2 * 2 * 2.6, "statistics": 2 * 2.25, "solves": 150}
+
+
+def projection_table(rows: list[dict], threads: int, ranks: int = 8) -> str:
+    """The projection as a markdown table: hours on this machine's ``threads`` threads, and
+    minutes on one and on ``ranks`` GPUs at the assumed :data:`GPU_FLOPS`; memory by part
+    (GiB)."""
+    lines = [
+        f"| model | phase | this CPU, {threads} threads (h) | 1 GPU (min) | {ranks} GPUs (min) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        units = work(row["layers"], row["width"], row["tokens"], 512)
+        for phase, seconds in row["thread_seconds"].items():
+            gpu = units[phase] * FLOPS_PER_UNIT[phase] / GPU_FLOPS[phase] / 60
+            # data-parallel phases split over the ranks; a GPT-2-shaped wave is one layer, so
+            # its solve runs on one rank while the others wait
+            many = gpu if phase == "solves" else gpu / ranks
+            lines.append(
+                f"| {row['model']} (L={row['layers']}, d={row['width']}) | {phase} | "
+                f"{seconds / threads / 3600:.2f} | {gpu:.1f} | {many:.1f} |"
+            )
+    names = list(rows[0]["memory"])
+    lines += [
+        "",
+        "| model | " + " | ".join(names) + " | peak |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for row in rows:
+        parts = row["memory"]
+        cells = " | ".join(f"{v / 2**30:.1f}" for v in parts.values())
+        lines.append(f"| {row['model']} | {cells} | {peak_bytes(parts) / 2**30:.1f} |")
+    return "\n".join(lines)
 
 
 def table(runs: list[Run]) -> str:
@@ -187,14 +235,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"runs": [asdict(r) for r in runs], "projection": projection}, f, indent=1)
     print(table(runs))
-    for row in project(runs, args.tokens):
-        seconds = row["thread_seconds"]
-        mib = {k: v / 2**20 for k, v in row["memory"].items()}
-        print(
-            row["model"],
-            {k: round(v) for k, v in seconds.items()},
-            {k: round(v) for k, v in mib.items()},
-        )
+    print()
+    print(projection_table(project(runs, args.tokens), args.threads))
 
 
 if __name__ == "__main__":
