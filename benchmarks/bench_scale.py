@@ -44,6 +44,7 @@ CONFIGS = {  # name: (layers, width, heads)
 }
 PROJECTED = {"1B": (20, 2048, 16), "7B": (32, 4096, 32)}  # GPT-style stand-ins: 12 L d^2 weights
 VOCAB = 50257
+PROJECTED_TOKENS = (16 * 512, 128 * 2048)  # the measured size, and a common LLM calibration set
 
 
 @dataclass
@@ -124,9 +125,10 @@ def peak_bytes(parts: dict) -> int:
     return rest + max(parts["wave statistics"], parts["solve"])
 
 
-def project(runs: list[Run], sequence: int) -> list[dict]:
-    """Seconds per phase for the projected models, from constants fitted to ``runs``
-    (least squares through the origin on the measured linear runs)."""
+def project(runs: list[Run], sequence: int, tokens: int | None = None) -> list[dict]:
+    """Seconds per phase for the projected models calibrated on ``tokens`` tokens (default:
+    the measured runs'), from constants fitted to ``runs`` (least squares through the origin
+    on the measured linear runs)."""
     measured = [r for r in runs if r.method == "linear"]
     if not measured:
         return []
@@ -136,7 +138,7 @@ def project(runs: list[Run], sequence: int) -> list[dict]:
         secs = [getattr(r, f"seconds_{phase}") * r.threads for r in measured]  # thread-seconds
         rates[phase] = sum(u * s for u, s in zip(units, secs)) / sum(u * u for u in units)
     rows = []
-    tokens = measured[0].tokens
+    tokens = tokens or measured[0].tokens
     for name, (layers, width, _) in {**PROJECTED}.items():
         units = work(layers, width, tokens, sequence)
         seconds = {phase: rates[phase] * units[phase] for phase in rates}
@@ -149,10 +151,12 @@ def project(runs: list[Run], sequence: int) -> list[dict]:
 #: Assumed sustained rates of one GPU, for the projection only (not measured here): float32
 #: matmuls for passes and statistics, float64 for the Cholesky solves and products.
 GPU_FLOPS = {"passes": 40e12, "statistics": 40e12, "solves": 20e12}
-#: FLOPs per unit of :func:`work`: two modes and about 2.6 block-equivalents of partial passes
-#: per block (passes), 2.25 products of 2 FLOPs (statistics), ~150 d^3 of float64 work per
-#: block, 4d wide (solves).
-FLOPS_PER_UNIT = {"passes": 2 * 2 * 2.6, "statistics": 2 * 2.25, "solves": 150}
+#: FLOPs per unit of :func:`work`: about 3.9 block-equivalents of (partial, and partly
+#: low-rank) block runs per block at 2 FLOPs a multiply-add (passes); 2.25 ``n x n`` products
+#: per row (two symmetric at 5/8, the cross in full) at 2 FLOPs (statistics); about 330 d^3
+#: float64 FLOPs per block, mostly the Cholesky solve and products of the 4d-wide MLP output
+#: layer (solves).
+FLOPS_PER_UNIT = {"passes": 2 * 3.9, "statistics": 2 * 2.25, "solves": 330}
 
 
 def projection_table(rows: list[dict], threads: int, ranks: int = 8) -> str:
@@ -211,7 +215,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="benchmarks/results/scale.json")
-    parser.add_argument("--table-only", action="store_true", help="re-print the saved JSON")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="re-print the saved runs, refresh their projection",
+    )
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -231,12 +239,13 @@ def main() -> None:
                 out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 runs.append(Run(**json.loads(out.strip().splitlines()[-1])))
                 print(table(runs[-1:]), flush=True)
-        projection = project(runs, args.tokens)
-        with open(args.json, "w") as f:
-            json.dump({"runs": [asdict(r) for r in runs], "projection": projection}, f, indent=1)
+    projections = {tokens: project(runs, args.tokens, tokens) for tokens in PROJECTED_TOKENS}
+    with open(args.json, "w") as f:  # the runs, and their projection by the current model
+        json.dump({"runs": [asdict(r) for r in runs], "projection": projections}, f, indent=1)
     print(table(runs))
-    print()
-    print(projection_table(project(runs, args.tokens), args.threads))
+    for tokens, rows in projections.items():
+        print(f"\nprojected, {tokens} calibration tokens:")
+        print(projection_table(rows, args.threads))
 
 
 if __name__ == "__main__":
