@@ -23,6 +23,7 @@ working set and the block cache.
 
     python -m benchmarks.bench_scale [--configs small medium] [--methods linear relu]
         [--batches 16] [--tokens 512] [--threads 2] [--json PATH] [--table-only]
+    python -m benchmarks.bench_scale --solve   # one MLP output layer's solve: Cholesky vs eigh
 """
 
 from __future__ import annotations
@@ -94,6 +95,55 @@ def measure(config: str, method: str, batches: int, tokens: int, threads: int) -
         info.get("seconds_passes", float("nan")), info.get("seconds_statistics", float("nan")),
         info.get("seconds_solves", float("nan")), before, peak, info, sum(errors) / len(errors),
     )  # fmt: skip
+
+
+def eigh_corrective(w, bias, mean_t, cov_t, mean, cov, cross, rank, damping=1e-2):
+    """The float64 ``eigh`` formulation the Cholesky solve replaced (for the comparison)."""
+    from torch_lowrank import solvers
+
+    s, v = torch.linalg.eigh(cov_t)
+    s = s.clamp_min(0)
+    delta = damping * float(s.sum()) / s.shape[0]
+    eye = torch.eye(w.shape[1], dtype=torch.float64)
+    b = w @ ((cross.T + delta * eye) @ ((v / (s + delta)) @ v.T))
+    fit = solvers.linear(b, w @ mean - b @ mean_t + bias, mean_t, cov_t, rank=rank)
+    z = fit.up @ fit.down
+    error = ((w @ cov) * w).sum() - 2 * ((w @ cross.T) * z).sum() + ((z @ cov_t) * z).sum()
+    return float(error) / float(((w @ cov) * w).sum())
+
+
+def solve_comparison(threads: int, repeats: int = 3) -> dict:
+    """One corrective solve of a GPT-2 MLP output layer's shape (768 x 3072, rank 307, 8,192
+    GELU rows), the Cholesky path against the eigh formulation, side by side: median seconds
+    and the relative errors of both."""
+    import statistics
+
+    from torch_lowrank import solvers
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    m, n, rows = 768, 3072, 8192
+    hidden = torch.randn(rows, m, generator=gen) @ torch.randn(m, n, generator=gen) / 28
+    x = torch.nn.functional.gelu(hidden).double()
+    x_tilde = x + 0.05 * torch.randn(rows, n, generator=gen, dtype=torch.float64) * x.std(0)
+    mean, mean_t = x.mean(0), x_tilde.mean(0)
+    xc, tc = x - mean, x_tilde - mean_t
+    cov, cov_t, cross = xc.T @ xc / rows, tc.T @ tc / rows, tc.T @ xc / rows
+    w = torch.randn(m, n, generator=gen, dtype=torch.float64) / n**0.5
+    bias = torch.randn(m, dtype=torch.float64)
+    moments = (mean_t, cov_t, mean, cov, cross)
+    times: dict[str, list[float]] = {"cholesky": [], "eigh": []}
+    errors = {}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fit = solvers.corrective(w, bias, *moments, rank=307)
+        times["cholesky"].append(time.perf_counter() - start)
+        errors["cholesky"] = fit.relative_error
+        start = time.perf_counter()
+        errors["eigh"] = eigh_corrective(w, bias, *moments, rank=307)
+        times["eigh"].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"seconds": medians, "ratio": medians["eigh"] / medians["cholesky"], "errors": errors}
 
 
 def work(layers: int, width: int, tokens: int, sequence: int) -> dict[str, float]:
@@ -215,6 +265,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="benchmarks/results/scale.json")
+    parser.add_argument("--solve", action="store_true", help="only the solve comparison")
     parser.add_argument(
         "--table-only",
         action="store_true",
@@ -225,6 +276,9 @@ def main() -> None:
     if args.child:
         run = measure(*args.child, args.batches, args.tokens, args.threads)
         print(json.dumps(asdict(run)))
+        return
+    if args.solve:
+        print(json.dumps(solve_comparison(args.threads)))
         return
     if args.table_only:
         with open(args.json) as f:
