@@ -192,8 +192,7 @@ def damped_solve(matrix: Tensor, rhs: Tensor, delta: float) -> Tensor:
     """
     if not delta >= 0.0:
         raise ValueError(f"delta must be >= 0\nbut got {delta}")
-    damped = matrix.to(torch.float64)
-    damped = (damped + damped.T) / 2
+    damped = symmetrise_(matrix.to(torch.float64, copy=True))  # one n x n copy, no temporaries
     damped.diagonal().add_(delta)
     rhs = rhs.to(device=damped.device, dtype=torch.float64)
     factor, info = torch.linalg.cholesky_ex(damped)
