@@ -220,3 +220,36 @@ def test_batchnorm_folding_works_correctively():
     with torch.no_grad():
         rel = ((compressed(data[0]) - expected).norm() / expected.norm()).item()
     assert rel < 0.5
+
+
+def test_a_shared_input_wave_computes_its_moments_once_with_the_same_result():
+    """q, k and v fed one tensor share one set of paired moments (one third of the statistics)
+    and get the factors they get from moments of their own (inputs fed as copies), to 1e-12."""
+
+    class QKV(nn.Module):
+        def __init__(self, copies: bool):
+            super().__init__()
+            torch.manual_seed(0)
+            self.copies = copies
+            self.q, self.k, self.v = (nn.Linear(24, 24) for _ in range(3))
+            self.out = nn.Linear(24, 24)
+
+        def forward(self, x):
+            h = torch.relu(x)
+            feeds = [h.clone() for _ in range(3)] if self.copies else [h] * 3
+            q, k, v = self.q(feeds[0]), self.k(feeds[1]), self.v(feeds[2])
+            return self.out(torch.softmax(q @ k.transpose(-1, -2) / 5, -1) @ v)
+
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randn(2, 7, 24, generator=gen) for _ in range(3)]
+    shared, own = (
+        tl.compress(QKV(copies), data, rank=5, method="linear", progress=False)
+        for copies in (False, True)
+    )
+    assert shared[1].info["waves"] == 2 and own[1].info["waves"] == 4
+    # the q/k/v wave holds one set of moments: no more than a wave of one layer
+    assert shared[1].info["peak_stat_bytes"] <= own[1].info["peak_stat_bytes"]
+    for name in ("q", "k", "v", "out"):
+        torch.testing.assert_close(
+            getattr(shared[0], name).weight, getattr(own[0], name).weight, rtol=1e-12, atol=1e-12
+        )

@@ -95,3 +95,44 @@ def test_offload_keeps_a_cuda_models_weights_and_statistics_on_the_host():
     tl.recover_(model, data=batches, progress=False)
     assert all(p.device.type == "cuda" for p in model.parameters())
     torch.testing.assert_close(model(batches[0]), expected(batches[0]), rtol=1e-3, atol=1e-3)
+
+
+def test_frozen_paired_moments_hold_one_copy_and_match():
+    """``freeze_`` turns the sums into the moments in their own memory: the same moments (1e-12)
+    in three n x n float64 matrices and two means, stages freed; it takes no more rows."""
+    n = 300  # wide enough for the symmetric block products
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, n, generator=gen) + 3.0
+    x_tilde = x + 0.1 * torch.randn(1000, n, generator=gen)
+    stats = CrossStats(n)
+    for part, part_tilde in zip(x.split(256), x_tilde.split(256)):
+        stats.update(part_tilde, part)
+    expected = [stats.mean_tilde, stats.covariance_tilde, stats.mean, stats.covariance, stats.cross]
+    assert stats.nbytes > 8 * 3 * n * n  # float64 sums and float32 stages
+    stats.freeze_()
+    got = [stats.mean_tilde, stats.covariance_tilde, stats.mean, stats.covariance, stats.cross]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(stats.covariance, stats.covariance.T) and stats.count == 1000
+    assert stats.nbytes == 8 * (3 * n * n + 2 * n)
+    with pytest.raises(RuntimeError, match="frozen"):
+        stats.update(x_tilde[:4], x[:4])
+
+
+def test_memory_parts_in_the_report():
+    """Staged plans hold their factor layers only (no float64 factors): ``staged_bytes`` is the
+    factor layers' float32 parameters; the other parts are there and positive."""
+    model, report = tl.compress(
+        deep_mlp(depth=3), data(), ratio=0.3, method="linear", progress=False
+    )
+    layers = [m for m in model.modules() if isinstance(m, tl.LowRankLinear)]
+    factor_bytes = sum(
+        p.numel() * 4 for m in layers for p in (*m.down.parameters(), *m.up.parameters())
+    )
+    # besides the layers, a plan keeps only its report's float64 bias and spectrum
+    extra = sum(8 * (m.out_features + min(m.out_features, m.in_features)) for m in layers)
+    assert factor_bytes <= report.info["staged_bytes"] <= factor_bytes + extra
+    for key in ("dense_bytes", "block_cache_bytes", "solve_bytes", "peak_stat_bytes"):
+        assert report.info[key] > 0, key
+    phases = sum(report.info[f"seconds_{p}"] for p in ("passes", "statistics", "solves"))
+    assert 0 < phases <= report.info["seconds"] * 1.01

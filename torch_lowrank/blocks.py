@@ -352,9 +352,9 @@ class BlockCache:
 
         def run(entry: dict[bool, Call], compressed: bool) -> None:
             call = self.chain.fresh(self._use(entry[compressed]))
+            self.block_passes += 1  # first: a pass may end early once the wave has its inputs
             with self.mode(compressed):
                 self.chain.run(self.index, call)
-            self.block_passes += 1
 
         return [lambda compressed, entry=entry: run(entry, compressed) for entry in self.entries]
 

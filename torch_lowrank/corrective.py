@@ -21,6 +21,7 @@ This is not GPTQ-style "sequential" calibration, which feeds ``x~`` but targets 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,21 +33,32 @@ from tqdm.auto import tqdm
 from . import distributed
 from .blocks import BlockCache, Chain, find_chains
 from .cross import CrossStats
+from .linear import LowRankLinear
+from .memory import plan_bytes, shed_factors, solve_working_bytes, tensor_bytes
 from .model import module_names, stood_in, world_size
 from .observer import group_parts
 from .options import Options
 from .problem import Plan, plan_layer
-from .refine import BlockRefinement, RefineOptions, refine_block
+from .refine import BlockRefinement, RefineOptions, refine_cached_block
 from .reservoir import Reservoir
 
 __all__ = ["schedule", "corrective_plans"]
 
 
-def _capture(modules: Iterable[nn.Module], store: dict[nn.Module, list[Tensor]]) -> list:
-    """Forward pre-hooks that append each module's input to ``store[module]``."""
+class _WaveCaptured(Exception):
+    """Raised by a capture hook to end a pass once every module of the wave has its input."""
+
+
+def _capture(
+    modules: Iterable[nn.Module], store: dict[nn.Module, list[Tensor]], stop: bool = False
+) -> list:
+    """Forward pre-hooks that append each module's input to ``store[module]``; with ``stop``
+    (every module runs once per pass), the pass ends as soon as all of them have one."""
 
     def hook(module: nn.Module, args: tuple) -> None:
         store[module].append(args[0].detach())
+        if stop and all(store.values()):
+            raise _WaveCaptured
 
     # The library's own hooks: nn.Module's registration, not the one that records user hooks.
     return [nn.Module.register_forward_pre_hook(module, hook) for module in modules]
@@ -54,11 +66,15 @@ def _capture(modules: Iterable[nn.Module], store: dict[nn.Module, list[Tensor]])
 
 @torch.no_grad()
 def schedule(
-    model: nn.Module, modules: list[nn.Module], batch: Any, forward_fn: Callable
+    model: nn.Module,
+    modules: list[nn.Module],
+    batch: Any,
+    forward_fn: Callable,
+    once: set[nn.Module] | None = None,
 ) -> list[list[nn.Module]]:
     """Group ``modules`` into waves by the order in which they first execute on ``batch``;
     consecutive modules that read the same input tensor share a wave. Modules that never run
-    form a last wave.
+    form a last wave. ``once``, if given, receives the modules that ran exactly once.
 
     Example:
         >>> import torch_lowrank as tl
@@ -68,8 +84,10 @@ def schedule(
         [['0'], ['2']]
     """
     order: list[tuple[nn.Module, Tensor]] = []
+    calls = {id(module): 0 for module in modules}
 
     def hook(module: nn.Module, args: tuple) -> None:
+        calls[id(module)] += 1
         if all(module is not seen for seen, _ in order):
             order.append((module, args[0]))
 
@@ -88,48 +106,101 @@ def schedule(
             waves.append([module])
         previous = x
     never = [m for m in modules if all(m is not seen for seen, _ in order)]
+    if once is not None:  # a module called once per pass lets its wave's passes stop early
+        once.update(m for m in modules if calls[id(m)] == 1)
     return waves + ([never] if never else [])
 
 
 @torch.no_grad()
 def _accumulate_wave(
-    wave: list[nn.Module], runs: Iterable[Callable[[bool], Any]], with_samples: bool
+    wave: list[nn.Module],
+    runs: Iterable[Callable[[bool], Any]],
+    with_samples: bool,
+    clock: dict[str, float] | None = None,
+    stop: bool = False,
 ) -> dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]]:
     """Pair the wave's inputs in the original and the compressed network, batch by batch.
 
     Each of ``runs`` runs one batch (through the whole model or through the wave's block) as
-    the original network (``run(False)``) or as the compressed one (``run(True)``)."""
+    the original network (``run(False)``) or as the compressed one (``run(True)``). With
+    ``stop`` (each module of the wave runs once per pass) a pass ends once the wave has its
+    inputs. ``clock["passes"]`` and ``clock["statistics"]`` receive the seconds spent."""
     paired: dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]] = {}
+    leaders: dict[nn.Module, nn.Module] = {}  # a Linear fed the same tensors shares their moments
+    clock = {"passes": 0.0, "statistics": 0.0} if clock is None else clock
     for run in runs:
         inputs: dict[bool, dict[nn.Module, list[Tensor]]] = {}
+        started = time.perf_counter()
         for compressed in (False, True):
             store: dict[nn.Module, list[Tensor]] = {m: [] for m in wave}
-            handles = _capture(wave, store)
+            handles = _capture(wave, store, stop)
             try:
-                run(compressed)
+                with contextlib.suppress(_WaveCaptured):
+                    run(compressed)
             finally:
                 for handle in handles:
                     handle.remove()
             inputs[compressed] = store
+        passed = time.perf_counter()
+        clock["passes"] += passed - started
+        for module, leader in list(leaders.items()):  # inputs that part: the state so far, copied
+            if not _same_inputs(leader, module, inputs):
+                del leaders[module]
+                paired[module] = [(copy.deepcopy(c), r) for c, r in paired[module]]
         for module in wave:
             n, groups, samples = module.matrix_shape[1], module.groups, module.observer.samples
             keep = with_samples and samples > 0  # samples=0: the solve names the layer
             if module not in paired:
+                leader = next((o for o in paired if _same_inputs(o, module, inputs)), None)
+                if leader is not None:
+                    leaders[module] = leader
                 paired[module] = [
                     (
-                        CrossStats(n, module.offload),
+                        paired[leader][j][0]
+                        if leader is not None
+                        else CrossStats(n, module.offload),
                         Reservoir(samples, module.offload) if keep else None,
                     )
-                    for _ in range(groups)
+                    for j in range(groups)
                 ]
+            shared = module in leaders  # its moments are its leader's: only its reservoir to fill
             for x, x_tilde in zip(inputs[False][module], inputs[True][module]):
+                if shared and not keep:
+                    break
                 for rows, rows_tilde in zip(module.input_rows(x), module.input_rows(x_tilde)):
                     parts = zip(group_parts(rows, n, groups), group_parts(rows_tilde, n, groups))
                     for (cross, reservoir), (part, part_tilde) in zip(paired[module], parts):
-                        cross.update(part_tilde, part)
+                        if not shared:
+                            cross.update(part_tilde, part)
                         if reservoir is not None:
                             reservoir.update(torch.cat([part_tilde, part], 1))
+        clock["statistics"] += time.perf_counter() - passed
     return paired
+
+
+def _same_inputs(a: nn.Module, b: nn.Module, inputs: dict[bool, dict]) -> bool:
+    """Whether Linears ``a`` and ``b`` were fed the very same tensors in both networks (q, k
+    and v): their paired moments are then the same, and computed once."""
+    if not (isinstance(a, LowRankLinear) and type(a) is type(b)) or a.offload != b.offload:
+        return False
+    if (a.matrix_shape[1], a.groups) != (b.matrix_shape[1], b.groups):
+        return False
+    return all(
+        len(inputs[c][a]) == len(inputs[c][b])
+        and all(_same_tensor(x, y) for x, y in zip(inputs[c][a], inputs[c][b]))
+        for c in (False, True)
+    )
+
+
+def _same_tensor(x: Tensor, y: Tensor) -> bool:
+    """Whether two captured inputs (``detach``-ed views) are views of the same memory alike."""
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device) == (
+        y.data_ptr(),
+        y.shape,
+        y.stride(),
+        y.dtype,
+        y.device,
+    )
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -174,9 +245,9 @@ def _whole_model(
     """A run (see :func:`_accumulate_wave`) of one batch through the whole model."""
 
     def run(compressed: bool) -> None:
+        counts["forward"] += 1  # first: a pass may end early once the wave has its inputs
         with mode(compressed):
             forward_fn(model, batch)
-        counts["forward"] += 1
 
     return run
 
@@ -188,28 +259,6 @@ def _block_of(wave: list[nn.Module], where: dict) -> tuple[Chain, int] | None:
     if all(p is not None and p[0] is first[0] and p[1] == first[1] for p in places):
         return first
     return None
-
-
-def _refine(
-    cache: BlockCache,
-    block: tuple[Chain, int],
-    layers: list[nn.Module],
-    mode: Callable[[bool], contextlib.AbstractContextManager],
-    options: RefineOptions,
-) -> BlockRefinement:
-    """Refine the staged factor ``layers`` of the chain child ``block`` on the cached inputs
-    (:mod:`torch_lowrank.refine`)."""
-    chain, index = block
-    name = f"{chain.name}.{index}" if chain.name else str(index)
-
-    def run(call: tuple) -> Tensor:
-        return chain.stream(chain.run(index, chain.fresh(call)))
-
-    with torch.no_grad(), mode(False):
-        targets = [run(call) for call in cache.inputs(False)]
-    params = [p for layer in layers for p in layer.parameters()]
-    with mode(True):
-        return refine_block(name, run, list(zip(cache.inputs(True), targets)), params, options)
 
 
 def corrective_plans(
@@ -254,16 +303,20 @@ def corrective_plans(
     counts = {"forward": 1}  # the schedule's pass
     held = sum(held_bytes(m) for m in modules)  # first-pass statistics, if any were kept
     peak = held
+    memory = {"block_cache_bytes": 0, "solve_bytes": 0}
+    clock = {"passes": 0.0, "statistics": 0.0, "solves": 0.0}
     with contextlib.ExitStack() as quiet:
         for module in modules:  # the passes below must not add to the first-pass statistics
             quiet.enter_context(module.observer.disabled())
-        waves = schedule(model, modules, first, forward_fn)
+        once: set[nn.Module] = set()
+        waves = schedule(model, modules, first, forward_fn, once)
         where, chain_passes = ({}, 0)
         if cache_blocks:
             where, chain_passes = find_chains(model, modules, first, forward_fn)
         counts["forward"] += chain_passes
         store = next((m.offload for m in modules if m.offload is not None), None)
         cache = BlockCache(model, data, forward_fn, mode, store)
+        clock["passes"] += time.perf_counter() - start
         blocks = [_block_of(wave, where) for wave in waves]
         # A child that is one layer is what that layer's closed form already fits: not a block.
         solving = set(modules)
@@ -274,20 +327,25 @@ def corrective_plans(
         ):
             block = blocks[i]
             if block is not None:
+                started = time.perf_counter()
                 cache.seek(*block)
+                clock["passes"] += time.perf_counter() - started
                 runs = cache.runs()
             else:
                 runs = (_whole_model(model, b, forward_fn, mode, counts) for b in data)
             needs_rows = method in ("relu", "nuclear")
-            paired = _accumulate_wave(wave, runs, needs_rows)
-            wave_bytes = sum(
-                cross.nbytes + (0 if reservoir is None else reservoir.nbytes)
-                for pairs in paired.values()
-                for cross, reservoir in pairs
-            )
+            stop = all(m in once for m in wave)
+            paired = _accumulate_wave(wave, runs, needs_rows, clock, stop)
+            held_now = {id(t): t for pairs in paired.values() for pair in pairs for t in pair}
+            wave_bytes = sum(t.nbytes for t in held_now.values() if t is not None)
             peak = max(peak, held + wave_bytes + cache.nbytes)
+            memory["block_cache_bytes"] = max(memory["block_cache_bytes"], cache.nbytes)
             if world_size() > 1:  # every rank saw a shard: sum the pairs of all ranks
                 paired = {m: _reduced(m, paired.get(m), needs_rows) for m in wave}
+            for pairs in paired.values():  # the moments, computed once in the sums' memory
+                for cross, _ in pairs:
+                    cross.freeze_()
+            started = time.perf_counter()
 
             def solve(module: nn.Module, paired=paired) -> Plan:
                 if module not in paired:
@@ -302,14 +360,21 @@ def corrective_plans(
                 wave_plans = distributed.solve_shared(wave, solve, costs, device_of)
             else:
                 wave_plans = {module: solve(module) for module in wave}
+            clock["solves"] += time.perf_counter() - started
+            for module in wave:
+                if module in paired:
+                    frozen = sum(cross.nbytes for cross, _ in paired[module])
+                    estimate = frozen + solve_working_bytes(*module.matrix_shape, module.groups)
+                    memory["solve_bytes"] = max(memory["solve_bytes"], estimate)
+            del solve, paired  # the wave's statistics go before the next wave's arrive
             for module, plan in wave_plans.items():
-                plans[module] = plan
+                plans[module] = shed_factors(plan)
                 if plan.layers is not None:
                     staged[module] = nn.Sequential(*plan.layers)
             last = block is not None and (i + 1 == len(waves) or blocks[i + 1] != block)
             if refine is not None and last and refinable[i]:
                 layers = [staged[m] for m in staged if where.get(m) == block]
-                refined.append(_refine(cache, block, layers, mode, refine))
+                refined.append(refine_cached_block(cache, block, layers, mode, refine))
     info = {
         "mode": "corrective",
         "waves": len(waves),
@@ -317,6 +382,10 @@ def corrective_plans(
         "block_passes": cache.block_passes,
         "peak_stat_bytes": peak,
         "seconds": time.perf_counter() - start,
+        **{f"seconds_{phase}": seconds for phase, seconds in clock.items()},
+        "dense_bytes": sum(tensor_bytes(m.dense.parameters()) for m in modules),
+        "staged_bytes": sum(plan_bytes(plan) for plan in plans.values()),
+        **memory,
     }
     if refine is not None:
         info["refine"] = [r.as_dict() for r in refined]

@@ -9,6 +9,8 @@ and ``all_reduce`` sums the pairs of every ``torch.distributed`` rank.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -16,7 +18,29 @@ from torch import Tensor
 from ._grad import no_grad
 from .stats import CovarianceStats, shifted_product
 
-__all__ = ["CrossStats"]
+__all__ = ["CrossStats", "PairedMoments"]
+
+
+@dataclass
+class PairedMoments:
+    """The moments of :class:`CrossStats` once frozen: the count, the means and covariances of
+    ``x~`` and ``x``, and ``cross = E[(x~ - mu~)(x - mu)^T]`` (float64)."""
+
+    count: int
+    mean_tilde: Tensor
+    covariance_tilde: Tensor
+    mean: Tensor
+    covariance: Tensor
+    cross: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        held = (self.mean_tilde, self.covariance_tilde, self.mean, self.covariance, self.cross)
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def is_finite(self) -> bool:
+        held = (self.mean_tilde, self.covariance_tilde, self.mean, self.covariance, self.cross)
+        return all(bool(torch.isfinite(t).all()) for t in held)
 
 
 class CrossStats:
@@ -38,16 +62,70 @@ class CrossStats:
     def __init__(self, features: int, store: str | torch.device | None = None) -> None:
         self.tilde = CovarianceStats(features, store)
         self.original = CovarianceStats(features, store)
-        self.sum_cross: Tensor | None = None  # (n, n) sum of (x~ - s~)(x - s)^T
+        self._sum_cross: Tensor | None = None  # (n, n) float64 sum of (x~ - s~)(x - s)^T
+        self._stage: Tensor | None = None  # (n, n) products in the work dtype, not yet summed
+        self._staged_rows = 0
+        self._frozen: PairedMoments | None = None
+
+    @property
+    def sum_cross(self) -> Tensor | None:
+        """``sum (x~ - s~)(x - s)^T``, ``(n, n)`` float64 (``None`` before any pair)."""
+        self._promote()
+        return self._sum_cross
+
+    @sum_cross.setter
+    def sum_cross(self, value: Tensor | None) -> None:
+        self._promote()
+        self._sum_cross = value
+
+    def _promote(self) -> None:
+        """Add the staged products to the float64 sum (as :class:`CovarianceStats` does)."""
+        if not self._staged_rows:
+            return
+        stage, self._staged_rows = self._stage, 0
+        home = self.tilde.shift.device
+        if self._sum_cross is None:
+            self._sum_cross = torch.zeros(stage.shape, dtype=torch.float64, device=home)
+        self._sum_cross.add_(stage.to(home))
+        if stage.device == home:
+            stage.zero_()
+        else:
+            self._stage = None
 
     @property
     def count(self) -> int:
-        return self.tilde.count
+        return self._frozen.count if self._frozen is not None else self.tilde.count
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.sum_cross is None else self.sum_cross.numel() * 8
+        if self._frozen is not None:
+            return self._frozen.nbytes
+        held = [t for t in (self._sum_cross, self._stage) if t is not None]
+        extra = sum(t.numel() * t.element_size() for t in held)
         return self.tilde.nbytes + self.original.nbytes + extra
+
+    def freeze_(self) -> CrossStats:
+        """Compute the moments once, in the memory of the sums (which are given up), and free
+        the float32 stages: what a solve reads, at ``3 n^2`` float64 and no second copy. A
+        frozen accumulator takes no more pairs. Returns ``self``.
+
+        Example:
+            >>> stats = CrossStats(3)
+            >>> x = torch.randn(100, 3, dtype=torch.float64)
+            >>> stats.update(x, x)
+            >>> expected = stats.covariance
+            >>> torch.allclose(stats.freeze_().covariance, expected), stats.count
+            (True, 100)
+        """
+        if self._frozen is not None or self.count == 0:
+            return self
+        mean_tilde, mean, cross = self.mean_tilde, self.mean, self.sum_cross
+        count, sum_tilde, total = self.count, self.tilde.sum, self.original.sum
+        self._sum_cross = self._stage = None
+        cross = cross.div_(count).addr_(sum_tilde, total, alpha=-1.0 / count**2)
+        cov_tilde, cov = self.tilde.take_covariance(), self.original.take_covariance()
+        self._frozen = PairedMoments(count, mean_tilde, cov_tilde, mean, cov, cross)
+        return self
 
     @no_grad
     def update(self, tilde_rows: Tensor, rows: Tensor) -> None:
@@ -57,16 +135,27 @@ class CrossStats:
                 f"expected paired rows of one shape\n"
                 f"but got {tuple(tilde_rows.shape)} and {tuple(rows.shape)}"
             )
+        if self._frozen is not None:
+            raise RuntimeError("these paired statistics are frozen; they take no more rows")
         self.tilde.check_rows(tilde_rows)  # both sides first: a bad batch adds nothing
         self.original.check_rows(rows)
         pairs = zip(self.tilde.shifted_chunks(tilde_rows), self.original.shifted_chunks(rows))
         for t, x in pairs:
             if t.dtype != x.dtype:  # one float64 side: the product in float64
                 t, x = t.double(), x.double()
-            product = (t.T @ x).to(self.tilde.shift.device, torch.float64)
-            self.sum_cross = product if self.sum_cross is None else self.sum_cross + product
+            stage = self._stage
+            if stage is None or stage.device != t.device or stage.dtype != t.dtype:
+                self._promote()
+                stage = self._stage = t.new_zeros(self.tilde.features, self.tilde.features)
+            stage.addmm_(t.T, x)  # staged in the work dtype, summed in float64 (see stats.py)
+            self._staged_rows += t.shape[0]
+            home = self.tilde.shift.device
+            if self._staged_rows >= CovarianceStats.stage_rows or stage.device != home:
+                self._promote()
 
     def is_finite(self) -> bool:
+        if self._frozen is not None:
+            return self._frozen.is_finite()
         return (
             self.tilde.is_finite()
             and self.original.is_finite()
@@ -75,23 +164,25 @@ class CrossStats:
 
     @property
     def mean_tilde(self) -> Tensor:
-        return self.tilde.mean
+        return self._frozen.mean_tilde if self._frozen is not None else self.tilde.mean
 
     @property
     def mean(self) -> Tensor:
-        return self.original.mean
+        return self._frozen.mean if self._frozen is not None else self.original.mean
 
     @property
     def covariance_tilde(self) -> Tensor:
-        return self.tilde.covariance
+        return self._frozen.covariance_tilde if self._frozen is not None else self.tilde.covariance
 
     @property
     def covariance(self) -> Tensor:
-        return self.original.covariance
+        return self._frozen.covariance if self._frozen is not None else self.original.covariance
 
     @property
     def cross(self) -> Tensor:
         """``E[(x~ - E x~)(x - E x)^T]``, ``(n, n)`` float64."""
+        if self._frozen is not None:
+            return self._frozen.cross
         n = self.count
         return self.sum_cross / n - torch.outer(self.tilde.sum / n, self.original.sum / n)
 

@@ -22,6 +22,7 @@ See ``docs/corrective.md`` for when it helps and what it costs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import time
@@ -32,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .blocks import BlockCache, Chain
 from .options import optimizer_class
 
-__all__ = ["BlockRefinement", "RefineOptions", "make_refine", "refine_block"]
+__all__ = ["BlockRefinement", "RefineOptions", "make_refine", "refine_block", "refine_cached_block"]
 
 Call = tuple[tuple, dict]  # (args, kwargs) of one block call
 
@@ -242,3 +244,26 @@ def refine_block(
                 p.grad = None
                 p.requires_grad_(flag)
     return BlockRefinement(name, step, best_step, before, best, held, time.perf_counter() - start)
+
+
+def refine_cached_block(
+    cache: BlockCache,
+    block: tuple[Chain, int],
+    layers: list[nn.Module],
+    mode: Callable[[bool], contextlib.AbstractContextManager],
+    options: RefineOptions,
+) -> BlockRefinement:
+    """Refine the factor ``layers`` of the chain child ``block`` on the inputs ``cache`` holds
+    for it: the targets are the original child's outputs (``mode(False)``), the compressed
+    child runs with the factors standing in (``mode(True)``)."""
+    chain, index = block
+    name = f"{chain.name}.{index}" if chain.name else str(index)
+
+    def run(call: tuple) -> Tensor:
+        return chain.stream(chain.run(index, chain.fresh(call)))
+
+    with torch.no_grad(), mode(False):
+        targets = [run(call) for call in cache.inputs(False)]
+    params = [p for layer in layers for p in layer.parameters()]
+    with mode(True):
+        return refine_block(name, run, list(zip(cache.inputs(True), targets)), params, options)

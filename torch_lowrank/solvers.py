@@ -10,7 +10,8 @@ A layer is the matrix ``W`` (m x n, out x in) and bias ``b``; a conv is its weig
   covariance ``W C W^T``, ``Z = P_r P_r^T W``, ``c = b + (W - Z) mu``. Its error is the
   eigenvalue tail. It never inverts or Cholesky-factors ``C``, so a singular ``C`` is fine.
 * :func:`linear_from_outputs` — the same optimum from the moments of ``W x`` (``m x m``), what a
-  layer that narrows (``m < n``) collects. Everything is in float64 on the weight's device.
+  layer that narrows (``m < n``) collects. Everything is in float64 on the weight's device
+  (the eigenvectors and damped solves: :mod:`torch_lowrank.eigen`).
 """
 
 from __future__ import annotations
@@ -21,17 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .eigen import Eigen, damped_solve, descending_eigh, subspace_is_cheaper, top_eigh
+
 __all__ = [
-    "Factors",
-    "relative_error",
-    "select_rank",
-    "svd",
-    "linear",
-    "linear_from_outputs",
-    "corrective",
-    "output_error",
-    "output_spectrum",
-]
+    "Factors", "relative_error", "select_rank", "svd", "linear", "linear_from_outputs",
+    "corrective", "output_error", "output_spectrum",
+]  # fmt: skip
 
 
 @dataclass
@@ -45,7 +41,8 @@ class Factors:
         error: ``E || y - y_hat ||^2`` on the calibration data (``nan`` when there is none).
         variance: ``E || y - E y ||^2``, the output variance of the dense layer (``nan`` likewise).
         spectrum: the descending eigenvalues the rank was chosen from (output covariance for
-            ``linear``, squared singular values of ``W`` for ``svd``).
+            ``linear``, squared singular values of ``W`` for ``svd``); only the top ``r``
+            where a fixed rank was solved by subspace iteration (``docs/scaling.md``).
         info: anything else a solver reports (iterations, objective before/after, ...).
     """
 
@@ -104,9 +101,21 @@ def select_rank(spectrum: Tensor, rank: int | None = None, energy: float | None 
     return min(k, int((kept < energy - 1e-12).sum()) + 1)
 
 
-def _descending_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    evals, evecs = torch.linalg.eigh((matrix + matrix.T) / 2)
-    return evals.flip(0).clamp_min(0.0), evecs.flip(1)
+def _leading(matrix: Tensor, rank: int | None, energy: float | None) -> Eigen:
+    """The top-r eigenpairs of ``matrix`` for the rank asked (``rest``: the eigenvalues left
+    out). ``values`` is the whole spectrum, or only the top r where a fixed rank lets
+    :func:`~torch_lowrank.eigen.top_eigh` iterate more cheaply than a full decomposition."""
+    if (
+        rank is not None
+        and 1 <= rank <= matrix.shape[0]
+        and subspace_is_cheaper(matrix.shape[0], rank)
+    ):
+        top = top_eigh(matrix, rank)
+        if top.method == "subspace":
+            return top
+    full = descending_eigh(matrix)
+    r = select_rank(full.values, rank, energy)
+    return Eigen(full.values, full.vectors[:, :r], rest=float(full.values[r:].sum()))
 
 
 def output_spectrum(weight: Tensor, cov: Tensor) -> Tensor:
@@ -124,8 +133,8 @@ def output_spectrum(weight: Tensor, cov: Tensor) -> Tensor:
     m, n = W.shape
     if m <= n:
         return torch.linalg.eigvalsh(W @ cov @ W.T).flip(0).clamp_min(0.0)
-    s, V = _descending_eigh(cov)
-    half = V * s.sqrt()
+    full = descending_eigh(cov)
+    half = full.vectors * full.values.sqrt()
     return torch.linalg.eigvalsh(half.T @ (W.T @ W) @ half).flip(0).clamp_min(0.0)
 
 
@@ -207,9 +216,8 @@ def linear(
     without bias and ``add_bias=False`` is solved on the uncentred second moment (the optimum
     without an intercept) and stays without bias.
 
-    Cost: when ``m <= n``, one ``m x m`` eigendecomposition (see :func:`linear_from_outputs`);
-    when ``m > n`` the work happens in the n-dimensional space (two ``n x n`` eigendecompositions
-    and products with ``W``), so the cost grows like ``min(m, n)^3 + m n min(m, n)``.
+    Cost: ``min(m, n)^3 + m n min(m, n)``, in the smaller space (one ``m x m`` or two ``n x n``
+    eigendecompositions, the top-r one by subspace iteration where cheaper).
 
     Args:
         weight: ``(m, n)``. bias: ``(m,)`` or ``None``.
@@ -234,12 +242,11 @@ def linear(
     moment = cov if centred else cov + torch.outer(mean, mean)
     # W C W^T = A A^T with A = W C^{1/2}; its top eigenvectors are the top left singular
     # vectors of A, found from the n x n matrix A^T A = C^{1/2} (W^T W) C^{1/2}.
-    s, V = _descending_eigh(moment)
-    half = V * s.sqrt()  # (n, n), half @ half.T = moment
+    full = descending_eigh(moment)
+    half = full.vectors * full.values.sqrt()  # (n, n), half @ half.T = moment
     gram = W.T @ W  # (n, n)
-    spectrum, Q = _descending_eigh(half.T @ gram @ half)  # (n,), (n, n)
-    r = select_rank(spectrum, rank, energy)
-    directions = half @ Q[:, :r]  # (n, r)
+    top = _leading(half.T @ gram @ half, rank, energy)
+    directions = half @ top.vectors  # (n, r)
     B = W @ directions  # (m, r): A Q_r, orthogonal columns of norms sqrt(spectrum)
     norms = torch.linalg.vector_norm(B, dim=0)
     if norms.min() > 1e-6 * norms.max():
@@ -248,7 +255,7 @@ def linear(
     else:  # rounding-level directions: orthonormalise and project explicitly
         up = torch.linalg.qr(B).Q
         down = up.T @ W
-    return _with_bias(up, down, spectrum, r, bias, W @ mean, centred)
+    return _with_bias(up, down, top, bias, W @ mean, centred)
 
 
 def linear_from_outputs(
@@ -287,33 +294,30 @@ def linear_from_outputs(
     centred = add_bias or bias is not None
     if not centred:
         moment = moment + torch.outer(mean, mean)
-    spectrum, evecs = _descending_eigh(moment)  # (m,), (m, m)
-    r = select_rank(spectrum, rank, energy)
-    up = evecs[:, :r]
-    return _with_bias(up, up.T @ W, spectrum, r, bias, mean, centred)
+    top = _leading(moment, rank, energy)
+    return _with_bias(top.vectors, top.vectors.T @ W, top, bias, mean, centred)
 
 
 def _with_bias(
     up: Tensor,
     down: Tensor,
-    spectrum: Tensor,
-    r: int,
+    top: Eigen,
     bias: Tensor | None,
     mean_wx: Tensor,
     centred: bool,
 ) -> Factors:
     """The :func:`linear` factors with their bias, error and variance, from the mean of ``W x``
     (``down = up^T W``, so ``(W - Z) mu = mean_wx - up up^T mean_wx``)."""
+    new_bias = mean_wx - up @ (up.T @ mean_wx)  # (W - Z) mu
+    if bias is not None:
+        new_bias = new_bias + bias.detach().to(torch.float64)
+    total = float(top.values[: up.shape[1]].sum()) + top.rest  # the whole trace
     if centred:
-        new_bias = mean_wx - up @ (up.T @ mean_wx)  # (W - Z) mu
-        if bias is not None:
-            new_bias = new_bias + bias.detach().to(torch.float64)
-        variance = float(spectrum.sum())
+        variance = total
     else:
         new_bias = None
-        variance = float(spectrum.sum()) - float(mean_wx.square().sum())
-    error = float(spectrum[r:].sum())
-    return Factors(up, down, new_bias, error, max(variance, 0.0), spectrum)
+        variance = total - float(mean_wx.square().sum())
+    return Factors(up, down, new_bias, top.rest, max(variance, 0.0), top.values)
 
 
 def corrective(
@@ -339,11 +343,10 @@ def corrective(
           = W (Ctx^T + delta I) (Ct + delta I)^{-1},
 
     with ``Ct`` the covariance of ``x~``, ``Ctx`` the cross-covariance of ``x~`` with ``x`` and
-    ``delta = damping * trace(Ct) / n`` (one eigendecomposition of ``Ct``; never a Cholesky). The
-    damping keeps ``W`` where ``x~`` barely varies (an undamped pseudo-inverse over-fits those
-    directions badly on held-out data), and ``x~ = x`` gives ``B = W``: exactly the
-    :func:`linear` result. Then ``Z`` is :func:`linear` applied to ``B`` (top-r eigenvectors of
-    ``B Ct B^T``) and ``c = b + W mu - Z mu~``.
+    ``delta = damping * trace(Ct) / n``, by one Cholesky solve (:mod:`torch_lowrank.eigen`).
+    The damping keeps ``W`` where ``x~`` barely varies (an undamped inverse over-fits there),
+    and ``x~ = x`` gives ``B = W``: exactly the :func:`linear` result. Then ``Z`` is
+    :func:`linear` applied to ``B`` (top-r eigenvectors of ``B Ct B^T``), ``c = b + W mu - Z mu~``.
 
     Args:
         weight, bias: the dense layer. mean_tilde, cov_tilde: moments of ``x~``. mean, cov:
@@ -364,36 +367,34 @@ def corrective(
         True
     """
     W = weight.detach().to(torch.float64)
-    device = W.device
-    mean_tilde, cov_tilde, mean, cov, cross = (
-        t.to(device=device, dtype=torch.float64) for t in (mean_tilde, cov_tilde, mean, cov, cross)
-    )
+    moments = (mean_tilde, cov_tilde, mean, cov, cross)
+    mean_tilde, cov_tilde, mean, cov, cross = (t.to(W.device, torch.float64) for t in moments)
     centred = add_bias or bias is not None
     moment_tilde, moment_cross = cov_tilde, cross
     if not centred:  # no intercept: regress on uncentred moments
         moment_tilde = cov_tilde + torch.outer(mean_tilde, mean_tilde)
         moment_cross = cross + torch.outer(mean_tilde, mean)
-    # Ridge towards W: B = argmin E||W x - B x~||^2 + delta ||B - W||^2
-    #                    = W (Ctx^T + delta I) (Ct + delta I)^{-1}, from one eigendecomposition.
-    s, V = _descending_eigh(moment_tilde)
-    delta = damping * float(s.sum()) / s.shape[0] if s.sum() > 0 else 1.0
-    eye = torch.eye(W.shape[1], dtype=torch.float64, device=device)
-    inverse = (V / (s + delta)) @ V.T  # (Ct + delta I)^{-1}
-    B = W @ ((moment_cross.T + delta * eye) @ inverse)  # (m, n)
+    # Ridge towards W: B = argmin E||W x - B x~||^2 + delta ||B - W||^2, i.e.
+    # B^T = (Ct + delta I)^{-1} (Ctx + delta I) W^T: one Cholesky solve, positive definite.
+    trace = float(torch.diagonal(moment_tilde).sum())
+    delta = damping * trace / W.shape[1] if trace > 0 else 1.0
+    target = moment_cross @ W.T  # (n, m): E[x~ (W x)^T], as moments
+    B = damped_solve(moment_tilde, target + delta * W.T, delta).T  # (m, n)
     variance = float(((W @ cov) * W).sum())  # E || W x - E W x ||^2
     if centred:
         intercept = W @ mean - B @ mean_tilde
         if bias is not None:
             intercept = intercept + bias.detach().to(torch.float64)
         fit = linear(B, intercept, mean_tilde, cov_tilde, rank, energy, add_bias=True)
-        moment = cov
+        total = variance
     else:
         fit = linear(B, None, mean_tilde, cov_tilde, rank, energy, add_bias=False)
-        moment = cov + torch.outer(mean, mean)
+        total = variance + float((W @ mean).square().sum())
     # The error of Z = up down on the data (the intercept makes the means agree):
     # E||W x - Z x~||^2 = tr(W Cx W^T) - 2 tr(W Ctx^T Z^T) + tr(Z Ct Z^T), up orthonormal.
-    cross_term = float(((fit.up.T @ W @ moment_cross.T) * fit.down).sum())
-    fitted = float(((fit.down @ moment_tilde) * fit.down).sum())
-    fit.error = max(float(((W @ moment) * W).sum()) - 2 * cross_term + fitted, 0.0)
+    # tr(Z Ct Z^T) = tr(up^T B Ct B^T up): the kept eigenvalues, as down = up^T B.
+    cross_term = float(((fit.up.T @ target.T) * fit.down).sum())
+    fitted = float(fit.spectrum[: fit.rank].sum())
+    fit.error = max(total - 2 * cross_term + fitted, 0.0)
     fit.variance = variance
     return fit

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._grad import no_grad
+from .eigen import symmetrise_
 
 __all__ = ["CovarianceStats", "shifted_product"]
 
@@ -276,6 +277,14 @@ class CovarianceStats:
         d = self.sum / self.count
         cov = self.sum_sq / self.count - torch.outer(d, d)
         return (cov + cov.T) / 2
+
+    def take_covariance(self) -> Tensor:
+        """:attr:`covariance`, computed in the memory of the sums, which are given up: the
+        accumulator is empty afterwards (no second ``n x n`` float64 copy, for large layers)."""
+        self._require_data()
+        cov = self.sum_sq.div_(self.count).addr_(self.sum, self.sum, alpha=-1.0 / self.count**2)
+        self.__init__(self.features, self.store)
+        return symmetrise_(cov)
 
     @property
     def second_moment(self) -> Tensor:
