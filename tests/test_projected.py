@@ -10,73 +10,11 @@ import torch.nn.functional as F
 import torch_optimizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from planted import ACT, assert_orthonormal, f64, linear_start, output_variance, planted, post_error
 
 from torch_lowrank import nuclear, projected, solvers
 
-f64 = torch.float64
-ACT = {
-    "relu": torch.relu,
-    "leaky_relu": lambda a: F.leaky_relu(a, 0.01),
-    "relu6": F.relu6,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "tanh": torch.tanh,
-}
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def linear_start(weight, bias, x, rank):
-    return solvers.linear(weight, bias, x.mean(0), torch.cov(x.T, correction=0), rank=rank)
-
-
-def post_error(weight, bias, factors, x, act=torch.relu) -> float:
-    """Mean squared post-activation error ``E || act(Z x + c) - act(W x + b) ||^2`` on ``x``."""
-    target = act(x @ weight.T + bias)
-    approx = act(x @ factors.down.T @ factors.up.T + factors.bias)
-    return (approx - target).square().sum(1).mean().item()
-
-
-def output_variance(weight, bias, x, act=torch.relu) -> float:
-    return act(x @ weight.T + bias).var(0, correction=0).sum().item()
-
-
-def planted(seed, alive=6, dead=6, n=8, r=2, margin=1.0, sigma=0.0):
-    """A dense layer whose post-activations are those of the rank-r model ``act(Z* x + c*)``.
-
-    Inputs are uniform on ``[-1, 1]^n``. The first ``alive`` units are ``Z* x + c*`` with
-    ``rank Z* = r``; the ``dead`` units have large full-rank weights and a bias below
-    ``-(||w||_1 + margin)``, so they are negative on every input: ReLU (and, for a large enough
-    margin, GELU/SiLU) maps them to (about) zero, but they dominate the output covariance, so
-    the ``linear`` recovery spends its rank on them. With ``sigma > 0`` the pre-activations get
-    Gaussian noise, entering as ``m`` extra input columns with weight ``sigma * I``.
-    Returns ``weight, bias, sample`` with ``sample(N)`` drawing ``N`` input rows.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    z_star = torch.randn(alive, r, generator=gen, dtype=f64) @ torch.randn(
-        r, n, generator=gen, dtype=f64
-    )
-    c_star = 0.3 * torch.randn(alive, generator=gen, dtype=f64)
-    d = 3.0 * torch.randn(dead, n, generator=gen, dtype=f64)
-    weight = torch.cat([z_star / math.sqrt(n), d])
-    bias = torch.cat([c_star, -(d.abs().sum(1) + margin)])
-    m = alive + dead
-    if sigma > 0:
-        weight = torch.cat([weight, sigma * torch.eye(m, dtype=f64)], 1)
-
-    def sample(rows):
-        x = 2 * torch.rand(rows, n, generator=gen, dtype=f64) - 1
-        if sigma > 0:
-            x = torch.cat([x, torch.randn(rows, m, generator=gen, dtype=f64)], 1)
-        return x
-
-    return weight, bias, sample
-
-
-def assert_orthonormal(up, atol=1e-10):
-    eye = torch.eye(up.shape[1], dtype=up.dtype)
-    torch.testing.assert_close(up.T @ up, eye, atol=atol, rtol=0)
 
 
 def test_third_theorem_noise_free_relu_recovery_goes_to_zero():
@@ -341,42 +279,6 @@ def test_global_random_state_is_untouched():
     state = torch.get_rng_state()
     projected.activation_aware(weight, bias, x, start, "relu", max_iter=5)
     assert torch.equal(state, torch.get_rng_state())
-
-
-def penalised(weight, bias, x, factors, lam) -> float:
-    nuclear_norm = torch.linalg.svdvals(factors.up @ factors.down).sum().item()
-    return projected.objective(weight, bias, x, factors, "relu") + lam * nuclear_norm
-
-
-@pytest.mark.parametrize("seed, rank", [(0, 1), (1, 2), (2, 3)])
-def test_nuclear_meets_the_rank_and_is_never_worse(seed, rank):
-    """``rank=k``: the result's matrix rank is <= k, ``up`` orthonormal, ``lam > 0``, and
-    ``f_relu + lam ||Z||_*`` (recomputed here) is <= its value at the start (1e-12 rel.)."""
-    weight, bias, sample = planted(seed, sigma=0.1)
-    x = sample(150)
-    start = linear_start(weight, bias, x, 5)
-    fit = nuclear.nuclear(weight, bias, x, start, rank=rank, max_iter=100)
-    lam = fit.info["lam"]
-    assert lam > 0 and fit.rank <= rank
-    assert torch.linalg.matrix_rank(fit.up @ fit.down) <= rank
-    assert_orthonormal(fit.up)
-    before = penalised(weight, bias, x, start, lam)
-    assert penalised(weight, bias, x, fit, lam) <= before * (1 + 1e-12)
-    assert fit.info["objective_before"] == pytest.approx(before, rel=1e-9)
-    assert fit.error == pytest.approx(projected.objective(weight, bias, x, fit, "relu"), rel=1e-9)
-
-
-def test_nuclear_with_given_lam():
-    """A huge ``lam`` thresholds everything (Z = 0, returned as one zero direction); ``lam=0``
-    fits without a rank limit and is never worse than the start on ``f_relu``."""
-    weight, bias, sample = planted(0)
-    x = sample(100)
-    start = linear_start(weight, bias, x, 2)
-    zero = nuclear.nuclear(weight, bias, x, start, lam=1e9)
-    assert zero.rank == 1 and torch.equal(zero.down, torch.zeros_like(zero.down))
-    free = nuclear.nuclear(weight, bias, x, start, lam=0.0)
-    assert free.info["lam"] == 0.0
-    assert free.error <= projected.objective(weight, bias, x, start, "relu")
 
 
 def test_errors():
