@@ -169,13 +169,18 @@ def _check_grouped(model: nn.Module, x: torch.Tensor, expected_shape, max_rank: 
         assert model(x).shape == expected_shape
 
 
-def test_nuclear_grouped_conv_rank():
+def grouped_case():
+    """The grouped-conv net, its calibration data, a test input and the output shape."""
     model = grouped_conv_net()
     g = torch.Generator().manual_seed(61)
     data = [torch.randn(4, 8, 10, 10, generator=g)]
     x = torch.randn(2, 8, 10, 10, generator=g)
     with torch.no_grad():
-        expected_shape = model(x).shape
+        return model, data, x, model(x).shape
+
+
+def test_nuclear_grouped_conv_rank():
+    model, data, x, expected_shape = grouped_case()
     model, _ = tl.compress(
         model, data, rank=2, method="nuclear", corrective=False, options={"max_iter": 10},
         progress=False,
@@ -188,12 +193,7 @@ def test_nuclear_grouped_conv_rank():
 def test_nuclear_grouped_conv_with_lam(lam):
     """With ``lam`` the rank falls out of the penalty, per group: the groups must still end
     with one consistent rank (or the layer stays dense)."""
-    model = grouped_conv_net()
-    g = torch.Generator().manual_seed(61)
-    data = [torch.randn(4, 8, 10, 10, generator=g)]
-    x = torch.randn(2, 8, 10, 10, generator=g)
-    with torch.no_grad():
-        expected_shape = model(x).shape
+    model, data, x, expected_shape = grouped_case()
     model, _ = tl.compress(
         model, data, rank=4, method="nuclear", corrective=False,
         options={"max_iter": 10, "lam": lam}, progress=False,

@@ -297,6 +297,9 @@ def corrective_plans(
     staged: dict[nn.Module, nn.Module] = {}
     names = module_names(model)
 
+    def cost(module: nn.Module) -> float:
+        return solve_cost(module, method, bool(fold[module]))
+
     def mode(compressed: bool) -> contextlib.AbstractContextManager:
         return stood_in(model, staged if compressed else {}, names, fold)
 
@@ -355,11 +358,7 @@ def corrective_plans(
                     paired=paired[module],
                 )  # fmt: skip
 
-            if world_size() > 1:
-                costs = [solve_cost(m, method, bool(fold[m])) for m in wave]
-                wave_plans = distributed.solve_shared(wave, solve, costs, device_of)
-            else:
-                wave_plans = {module: solve(module) for module in wave}
+            wave_plans = distributed.solve_each(wave, solve, cost, device_of)
             clock["solves"] += time.perf_counter() - started
             for module in wave:
                 if module in paired:

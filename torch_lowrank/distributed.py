@@ -33,14 +33,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .model import world_size
+from .model import progress_bar, world_size
 from .observer import Observation
 from .problem import Plan
 from .reservoir import Reservoir
 from .solvers import Factors
 from .stats import CovarianceStats
 
-__all__ = ["active", "owners", "solve_shared", "summed_observations"]
+__all__ = ["active", "owners", "solve_each", "solve_shared", "summed_observations"]
 
 
 def active() -> bool:
@@ -109,6 +109,25 @@ def _metadata(plan: Plan) -> dict:
     ]
     shape = (plan.factors[0].up.shape[0], plan.factors[0].down.shape[1])
     return {"groups": groups, "seconds": plan.seconds, "folded": plan.folded, "shape": shape}
+
+
+def solve_each(
+    modules: Sequence[Any],
+    solve: Callable[[Any], Plan],
+    cost: Callable[[Any], float],
+    device_of: Callable[[Any], torch.device],
+    progress: bool = False,
+) -> dict[Any, Plan]:
+    """``solve(module)`` for every module: in this process, or with several processes shared
+    out by ``cost`` (:func:`solve_shared`; collective).
+
+    Example:
+        >>> solve_each(["a", "b"], lambda m: Plan.dense(m), len, None)["b"].dense_reason
+        'b'
+    """
+    if world_size() > 1:
+        return solve_shared(modules, solve, [cost(m) for m in modules], device_of)
+    return {m: solve(m) for m in progress_bar(modules, "recovering", progress)}
 
 
 def solve_shared(

@@ -91,7 +91,7 @@ def compress(
         [5, 5]
     """
     opts = make_options(method, options, where="compress")
-    refining = None if refine is None or refine is False else make_refine(refine, where="compress")
+    refining = make_refine(refine, where="compress")
     if refining is not None:
         check_refine(corrective and method != "svd", cache_blocks, "compress")
     by = convert_kwargs.get("allocate_by", "spectra")

@@ -31,7 +31,6 @@ from .model import (
     eval_mode,
     low_rank_modules,
     module_names,
-    progress_bar,
     replace_everywhere,
     settings_of,
     world_size,
@@ -116,10 +115,10 @@ def _parallel_plans(
             observation=observed[module],
         )  # fmt: skip
 
-    if world_size() > 1:
-        costs = [solve_cost(m, method, bool(fold[m])) for m in modules]
-        return distributed.solve_shared(modules, plan, costs, device_of)
-    return {m: plan(m) for m in progress_bar(modules, "recovering", progress)}
+    def cost(module: nn.Module) -> float:
+        return solve_cost(module, method, bool(fold[module]))
+
+    return distributed.solve_each(modules, plan, cost, device_of, progress)
 
 
 def _write(
@@ -210,7 +209,7 @@ def recover_(
         4
     """
     opts = make_options(method, _merged(options, kwargs), where="recover_")
-    refining = None if refine is None or refine is False else make_refine(refine, where="recover_")
+    refining = make_refine(refine, where="recover_")
     if refining is not None:
         check_refine(data is not None and method != "svd", cache_blocks, "recover_")
     found = {m: names for m, names in low_rank_modules(model).items() if m.calibrating}

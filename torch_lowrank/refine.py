@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .blocks import BlockCache, Chain
 from .options import optimizer_class
+from .solvers import relative_error
 
 __all__ = ["BlockRefinement", "RefineOptions", "make_refine", "refine_block", "refine_cached_block"]
 
@@ -147,7 +148,8 @@ class BlockRefinement:
         best_step: the step whose parameters were kept (0: the closed form).
         held_out_before / held_out_after: the block's relative output error
             ``sum ||block~(x~) - block(x)||^2 / sum ||block(x) - mean||^2`` on the held-out batches,
-            with the closed form and after refinement.
+            with the closed form and after refinement (``nan`` when the targets do not vary and
+            the error is not zero; such a block is left as it is).
         held_out_batches: how many batches were held out (0: one batch only, used for both).
         seconds: wall time, targets included.
     """
@@ -174,7 +176,7 @@ def _relative_error(run: Callable[[Call], Tensor], pairs: Sequence[tuple[Call, T
             total += float(
                 (target - target.mean(dim=tuple(range(target.dim() - 1)))).square().sum()
             )
-    return error / total if total > 0 else (0.0 if error == 0 else math.inf)
+    return relative_error(error, total)
 
 
 def refine_block(
