@@ -16,6 +16,7 @@ from .options import Options, make_options
 from .recover import check_refine, recover_
 from .refine import RefineOptions, make_refine
 from .report import Report
+from .sensitivity import FisherWeighting, make_weighting
 
 __all__ = ["compress"]
 
@@ -56,6 +57,7 @@ def compress(
     progress: bool = True,
     cache_blocks: bool = True,
     refine: bool | dict | RefineOptions | None = None,
+    weighting: str | dict | FisherWeighting | None = None,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, Report]:
     """Convert, calibrate on ``data`` and recover, in one call (corrective by default).
@@ -76,6 +78,8 @@ def compress(
         progress: tqdm progress bars on an interactive terminal (``False``: never).
         cache_blocks: see :func:`recover_`.
         refine: refine each block after its corrective solve (see :func:`recover_`).
+        weighting: ``"fisher"``: weigh each layer's output errors by their effect on the loss
+            (see :func:`recover_`); needs ``corrective``.
         **convert_kwargs: passed to :func:`convert` (``rank`` / ``ratio`` / ``energy``,
             ``include``, ``exclude``, ``add_bias``, ``samples``, ``activation``, ...).
 
@@ -94,6 +98,12 @@ def compress(
     refining = make_refine(refine, where="compress")
     if refining is not None:
         check_refine(corrective and method != "svd", cache_blocks, "compress")
+    weighing = make_weighting(weighting, where="compress")
+    if weighing is not None and not (corrective and method != "svd"):
+        raise ValueError(
+            "compress: weighting='fisher' is measured during corrective recovery;\n"
+            "use corrective=True and a method other than svd"
+        )
     by = convert_kwargs.get("allocate_by", "spectra")
     if by != "spectra" and not corrective:
         raise ValueError(
@@ -120,7 +130,8 @@ def compress(
             calibrate(model, data, forward_fn, progress)
         report = recover_(
             model, method=method, data=data if corrective else None, forward_fn=forward_fn,
-            progress=progress, cache_blocks=cache_blocks, refine=refining, options=opts,
+            progress=progress, cache_blocks=cache_blocks, refine=refining, weighting=weighing,
+            options=opts,
         )  # fmt: skip
     except BaseException:
         revert(model)
