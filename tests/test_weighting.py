@@ -12,9 +12,10 @@ from torch import nn
 
 import torch_lowrank as tl
 from torch_lowrank import solvers
+from torch_lowrank.options import make_spec
 from torch_lowrank.problem import GroupData
-from torch_lowrank.sensitivity import FisherWeighting, make_weighting, output_fisher
-from torch_lowrank.weighting import output_scale, solve_weighted
+from torch_lowrank.sensitivity import output_fisher
+from torch_lowrank.weighting import FisherWeighting, output_scale, solve_weighted
 
 f64 = torch.float64
 
@@ -200,7 +201,7 @@ def test_compress_with_fisher_weighting_on_convs_grouped_and_folded():
         ({"weighting": {"damping": float("nan")}}, ValueError, "damping"),
         ({"weighting": {"batches": 0}}, ValueError, "batches"),
         ({"weighting": {"dampng": 1.0}}, TypeError, "dampng"),
-        ({"weighting": "kfac"}, ValueError, "kfac"),
+        ({"weighting": "kfac"}, TypeError, "kfac"),
     ],
 )
 def test_bad_weighting_changes_nothing(kwargs, error, match):
@@ -218,4 +219,5 @@ def test_recover_refuses_weighting_without_data():
     with pytest.raises(ValueError, match="data="):
         tl.recover_(model, method="linear", weighting="fisher", progress=False)
     assert model[0].calibrating
-    assert make_weighting(None, "x") is None and make_weighting(True, "x") == FisherWeighting()
+    assert make_spec(FisherWeighting, None, what="weighting") is None
+    assert make_spec(FisherWeighting, "fisher", what="w", names=("fisher",)) == FisherWeighting()

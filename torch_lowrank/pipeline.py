@@ -12,11 +12,11 @@ from torch import nn
 
 from .convert import convert, revert
 from .model import calibrate, low_rank_modules
-from .options import Options, make_options
+from .options import Options, make_options, make_spec
 from .recover import check_refine, recover_
-from .refine import RefineOptions, make_refine
+from .refine import RefineOptions
 from .report import Report
-from .sensitivity import FisherWeighting, make_weighting
+from .weighting import FisherWeighting
 
 __all__ = ["compress"]
 
@@ -95,10 +95,12 @@ def compress(
         [5, 5]
     """
     opts = make_options(method, options, where="compress")
-    refining = make_refine(refine, where="compress")
+    refining = make_spec(RefineOptions, refine, what="refine", where="compress")
     if refining is not None:
         check_refine(corrective and method != "svd", cache_blocks, "compress")
-    weighing = make_weighting(weighting, where="compress")
+    weighing = make_spec(
+        FisherWeighting, weighting, what="weighting", where="compress", names=("fisher",)
+    )
     if weighing is not None and not (corrective and method != "svd"):
         raise ValueError(
             "compress: weighting='fisher' is measured during corrective recovery;\n"

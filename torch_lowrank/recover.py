@@ -36,12 +36,13 @@ from .model import (
     world_size,
 )
 from .observer import Observation
-from .options import Options, make_options
+from .options import Options, make_options, make_spec
 from .problem import Plan, layer_row, plan_layer
-from .refine import RefineOptions, make_refine
+from .refine import RefineOptions
 from .report import LayerReport, Report
-from .sensitivity import FisherWeighting, make_weighting, output_fisher, sensitivities
+from .sensitivity import output_fisher, sensitivities
 from .settings import Settings
+from .weighting import FisherWeighting
 
 __all__ = ["recover_"]
 
@@ -214,10 +215,12 @@ def recover_(
         4
     """
     opts = make_options(method, _merged(options, kwargs), where="recover_")
-    refining = make_refine(refine, where="recover_")
+    refining = make_spec(RefineOptions, refine, what="refine", where="recover_")
     if refining is not None:
         check_refine(data is not None and method != "svd", cache_blocks, "recover_")
-    weighing = make_weighting(weighting, where="recover_")
+    weighing = make_spec(
+        FisherWeighting, weighting, what="weighting", where="recover_", names=("fisher",)
+    )
     if weighing is not None and (data is None or iter(data) is data or method == "svd"):
         raise ValueError(
             "recover_: weighting='fisher' measures loss gradients on the calibration batches\n"

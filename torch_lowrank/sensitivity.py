@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
-from numbers import Real
 from typing import Any
 
 import torch
@@ -34,9 +31,10 @@ from .problem import plan_layer
 from .ranks import target_rank
 from .settings import GlobalAllocation
 from .solvers import relative_error
+from .weighting import FisherWeighting
 
 __all__ = ["PROBE_BATCHES", "output_distance", "output_tensor", "sensitivities"]
-__all__ += ["DEFAULT_DAMPING", "FisherWeighting", "make_weighting", "output_fisher"]
+__all__ += ["output_fisher"]
 
 #: Calibration batches run per probed layer.
 PROBE_BATCHES = 4
@@ -148,73 +146,6 @@ def sensitivities(
         torch.distributed.all_reduce(values)
         weights = dict(zip(weights, (values / world_size()).tolist()))
     return weights
-
-
-#: ``alpha`` in ``G + alpha trace(G) / m I``: the damping rule, the same for every model.
-DEFAULT_DAMPING = 0.1
-
-
-@dataclass(frozen=True)
-class FisherWeighting:
-    """How output weights are measured (``weighting=`` in :func:`~torch_lowrank.compress`).
-
-    Attributes:
-        damping: ``alpha`` in ``G + alpha trace(G) / m I`` (``> 0``; larger is closer to
-            the unweighted solve).
-        batches: how many calibration batches to run backward (``None``: all).
-        loss: ``loss(output, batch) -> Tensor``, a scalar to differentiate; ``None``: the
-            cross-entropy of labels sampled from the model's own output distribution.
-
-    Example:
-        >>> FisherWeighting(damping=0.5).batches is None
-        True
-    """
-
-    damping: float = DEFAULT_DAMPING
-    batches: int | None = None
-    loss: Callable[[Any, Any], Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        damping = self.damping
-        if isinstance(damping, bool) or not isinstance(damping, Real):
-            raise ValueError(f"weighting: damping must be a number\nbut got {damping!r}")
-        if not (math.isfinite(damping) and damping > 0):
-            raise ValueError(f"weighting: damping must be finite and > 0\nbut got {damping!r}")
-        object.__setattr__(self, "damping", float(damping))
-        batches = self.batches
-        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)):
-            raise ValueError(f"weighting: batches must be a positive int\nbut got {batches!r}")
-        if batches is not None and batches < 1:
-            raise ValueError(f"weighting: batches must be a positive int\nbut got {batches!r}")
-        if self.loss is not None and not callable(self.loss):
-            raise ValueError(f"weighting: loss must be callable\nbut got {self.loss!r}")
-
-
-def make_weighting(value: Any, where: str) -> FisherWeighting | None:
-    """``None`` / ``False``: no weighting; ``"fisher"`` / ``True``: the defaults; a dict of
-    :class:`FisherWeighting` fields, or one.
-
-    Example:
-        >>> make_weighting({"damping": 1.0}, "compress").damping
-        1.0
-    """
-    if value is None or value is False:
-        return None
-    if value is True or value == "fisher":
-        return FisherWeighting()
-    if isinstance(value, FisherWeighting):
-        return value
-    if isinstance(value, Mapping):
-        valid = [f.name for f in fields(FisherWeighting)]
-        unknown = sorted(set(value) - set(valid))
-        if unknown:
-            raise TypeError(
-                f"{where}: unknown weighting option {unknown[0]!r}; valid: {', '.join(valid)}"
-            )
-        return FisherWeighting(**value)
-    raise ValueError(
-        f"{where}: weighting must be None, 'fisher', a dict or a FisherWeighting\nbut got {value!r}"
-    )
 
 
 def _sampled_loss(output: Any, batch: Any) -> Tensor:

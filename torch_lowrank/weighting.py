@@ -22,8 +22,10 @@ The report's errors stay the plain, unweighted ones.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from numbers import Real
 from typing import Any
 
 import torch
@@ -32,7 +34,47 @@ from torch import Tensor, nn
 from .activations import batchnorm_affine
 from .solvers import Factors
 
-__all__ = ["output_scale", "solve_weighted", "weigh"]
+__all__ = ["DEFAULT_DAMPING", "FisherWeighting", "output_scale", "solve_weighted", "weigh"]
+
+
+#: ``alpha`` in ``G + alpha trace(G) / m I``: the damping rule, the same for every model.
+DEFAULT_DAMPING = 0.1
+
+
+@dataclass(frozen=True)
+class FisherWeighting:
+    """How output weights are measured (``weighting=`` in :func:`~torch_lowrank.compress`).
+
+    Attributes:
+        damping: ``alpha`` in ``G + alpha trace(G) / m I`` (``> 0``; larger is closer to
+            the unweighted solve).
+        batches: how many calibration batches to run backward (``None``: all).
+        loss: ``loss(output, batch) -> Tensor``, a scalar to differentiate; ``None``: the
+            cross-entropy of labels sampled from the model's own output distribution.
+
+    Example:
+        >>> FisherWeighting(damping=0.5).batches is None
+        True
+    """
+
+    damping: float = DEFAULT_DAMPING
+    batches: int | None = None
+    loss: Callable[[Any, Any], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        damping = self.damping
+        if isinstance(damping, bool) or not isinstance(damping, Real):
+            raise ValueError(f"weighting: damping must be a number\nbut got {damping!r}")
+        if not (math.isfinite(damping) and damping > 0):
+            raise ValueError(f"weighting: damping must be finite and > 0\nbut got {damping!r}")
+        object.__setattr__(self, "damping", float(damping))
+        batches = self.batches
+        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)):
+            raise ValueError(f"weighting: batches must be a positive int\nbut got {batches!r}")
+        if batches is not None and batches < 1:
+            raise ValueError(f"weighting: batches must be a positive int\nbut got {batches!r}")
+        if self.loss is not None and not callable(self.loss):
+            raise ValueError(f"weighting: loss must be callable\nbut got {self.loss!r}")
 
 
 def output_scale(fisher: Tensor, damping: float) -> tuple[Tensor, Tensor]:
