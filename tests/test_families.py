@@ -176,3 +176,18 @@ def test_merged_conv1d_keeps_flags_and_the_restored_type_is_registered():
     torch.testing.assert_close(merged(x), low(x), atol=1e-6, rtol=1e-6)
     bias_free = restore(nn.Linear(8, 12, bias=False), Conv1D)  # Conv1D always adds a bias: 0
     assert type(bias_free) is Conv1D and torch.equal(bias_free.bias, torch.zeros(12))
+
+
+def test_t5_compresses_correctively_though_it_reads_a_layer_weight():
+    """T5's feed-forward reads ``wo.weight.dtype``: the solved layers standing in during
+    corrective recovery expose the product of their factors as ``weight``."""
+    config = transformers.T5Config(
+        d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=VOCAB,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(7)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    data = [{**b, "decoder_input_ids": b["input_ids"]} for b in batches(2, seed=8)]
+    model, report = tl.compress(model, data, ratio=0.5, method="linear", progress=False)
+    assert report.info["mode"] == "corrective"
+    assert isinstance(model.encoder.block[0].layer[1].DenseReluDense.wo, tl.LowRankLinear)
