@@ -100,7 +100,7 @@ def _weights(state: dict[str, Tensor]) -> _Weights:
         if storage in storages or not tensor.is_contiguous():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         storages.add(storage)
-        out.tensors[name] = tensor.detach()
+        out.tensors[name] = tensor.detach().to("cpu")
     return out
 
 
