@@ -17,6 +17,7 @@ Example:
 from .conv import LowRankConv1d, LowRankConv2d
 from .convert import convert
 from .finetune import finetune_, merge_
+from .hub import from_pretrained, save_pretrained
 from .linear import LowRankLinear
 from .model import calibrate, default_forward
 from .options import METHODS
@@ -39,7 +40,9 @@ __all__ = [
     "convert",
     "default_forward",
     "finetune_",
+    "from_pretrained",
     "load_state_dict",
     "merge_",
     "recover_",
+    "save_pretrained",
 ]

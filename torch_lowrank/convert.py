@@ -30,7 +30,7 @@ from torch import nn
 from .base import LowRankModule
 from .conv import LowRankConv1d, LowRankConv2d
 from .detect import FirstForwardDetector
-from .families import DEFAULT_EXCLUDE, adapt, tied_weights
+from .families import DEFAULT_EXCLUDE, adapt, default_add_bias, tied_weights
 from .linear import LowRankLinear
 from .model import low_rank_modules, module_names, replace_everywhere
 from .observer import BatchGate, ModelHooks
@@ -95,7 +95,7 @@ def convert(
     energy: float | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    add_bias: bool = True,
+    add_bias: bool | None = None,
     samples: int = 4096,
     activation: Any = "auto",
     fold_batchnorm: bool = True,
@@ -129,7 +129,11 @@ def convert(
         exclude: the same; matching layers stay dense. ``None`` (default) excludes output
             heads named ``lm_head``; ``[]`` excludes nothing. Layers whose weight is tied to
             another module's (a head sharing the embedding) always stay dense.
-        add_bias: see :meth:`LowRankLinear.from_linear`.
+        add_bias: give bias-free layers a bias, so that the recovery corrects for the mean of
+            their inputs (the optimum); ``False`` keeps them bias-free and solves without
+            intercept (on the uncentred second moment). ``None`` (default): ``False`` for
+            Hugging Face ``transformers`` models, whose architectures decide which layers have a
+            bias, ``True`` for the others (:func:`~torch_lowrank.families.default_add_bias`).
         samples: rows each layer keeps in a uniform random reservoir for the activation-aware
             methods (per group); 0 keeps none.
         activation: the elementwise activation after each layer. ``"auto"`` (default) observes
@@ -178,6 +182,10 @@ def convert(
         ('LowRankLinear', 'Linear')
     """
     allocation_spec = None
+    if add_bias is None:
+        add_bias = default_add_bias(model)
+    elif not isinstance(add_bias, bool):
+        raise ValueError(f"convert: add_bias must be True, False or None\nbut got {add_bias!r}")
     if allocation not in ("uniform", "global"):
         raise ValueError(
             f"convert: allocation must be 'uniform' or 'global'\nbut got {allocation!r}"

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .activations import BATCHNORMS, FoldedBatchNorm
 from .convert import REPLACEMENTS
+from .families import adapt
 from .linear import LowRankLinear
 from .model import module_names, replace_everywhere
 
@@ -28,7 +29,9 @@ def _low_rank_like(
 ) -> nn.Module | None:
     """A recovered low-rank module for ``dense`` shaped by the factors under ``prefix`` in
     ``state_dict``, with the device, dtype, ``requires_grad`` and mode of ``dense`` and its factors
-    uninitialised (loading fills them); ``None`` when ``dense`` is no supported layer."""
+    uninitialised (loading fills them); ``None`` when ``dense`` is no supported layer. A foreign
+    layer (GPT-2's ``Conv1D``) goes through its standard form and is remembered for ``merge_``."""
+    foreign, dense = dense, adapt(dense)
     kind = next((lr for d, lr in REPLACEMENTS if isinstance(dense, d)), None)
     if kind is None:
         return None
@@ -53,10 +56,12 @@ def _low_rank_like(
     except ValueError as err:
         raise ValueError(f"load_state_dict: layer {name!r}: {err}") from err
     module = module.to_empty(device=weight.device)  # no initialisation: loading fills the factors
+    if foreign is not dense:
+        module.source_type = type(foreign)
     module.requires_grad_(weight.requires_grad)
     if bias and dense.bias is not None:
         module.up.bias.requires_grad_(dense.bias.requires_grad)
-    module.train(dense.training)
+    module.train(foreign.training)
     return module
 
 
@@ -69,9 +74,10 @@ def load_state_dict(
 ) -> nn.Module:
     """Load the state dict of a compressed model into a freshly built dense ``model``.
 
-    Every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` at a name ``<name>`` for which
-    ``state_dict`` holds ``<name>.down.weight`` and ``<name>.up.weight`` is replaced (at every name
-    it is reachable under) by a recovered :class:`~torch_lowrank.LowRankLinear` /
+    Every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (or Hugging Face GPT-2 ``Conv1D``) at a
+    name ``<name>`` for which ``state_dict`` holds ``<name>.down.weight`` and ``<name>.up.weight``
+    is replaced (at every name it is reachable under) by a recovered
+    :class:`~torch_lowrank.LowRankLinear` /
     :class:`~torch_lowrank.LowRankConv1d` / :class:`~torch_lowrank.LowRankConv2d` whose rank is
     read from ``down.weight``'s first dimension (divided by ``groups``) and which has a bias when
     ``<name>.up.bias`` is there; it takes the dense layer's device (``meta`` too), dtype,
