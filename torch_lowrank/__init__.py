@@ -21,6 +21,7 @@ from .linear import LowRankLinear
 from .model import calibrate, default_forward
 from .options import METHODS
 from .pipeline import compress
+from .quantize import quantize_factors_
 from .recover import recover_
 from .report import LayerReport, Report
 from .serialize import load_state_dict
@@ -41,5 +42,6 @@ __all__ = [
     "finetune_",
     "load_state_dict",
     "merge_",
+    "quantize_factors_",
     "recover_",
 ]
