@@ -53,14 +53,14 @@ def _options(layer: LayerBudget, round_to: int) -> list[Option]:
     for r in range(start, top + 1, round_to) if 0 < start <= top else ():
         options.append((g * r * (m + n) * size, tails[r - 1] * scale, Choice(r)))
         if quantized:
-            cost = scheme.nbytes(g * r, n, size) + scheme.nbytes(g * m, r, size)
+            cost = scheme.nbytes(g * r, n) + scheme.nbytes(g * m, r)
             error = (tails[r - 1] + float(layer.quantized.factors[r - 1])) * scale
             options.append((cost, error, Choice(r, True)))
     if not options or layer.max_rank is None:  # dense, unless a rank bound asks for factors
         options.append((g * m * n * size, 0.0, Choice(None)))
         if quantized and layer.quantized.dense is not None:
             error = layer.quantized.dense * scale
-            options.append((scheme.nbytes(g * m, n, size), error, Choice(None, True)))
+            options.append((scheme.nbytes(g * m, n), error, Choice(None, True)))
     return sorted(options, key=lambda o: (o[0], o[1]))
 
 
@@ -155,9 +155,9 @@ def bytes_total(choices: dict[str, Choice], layers: list[LayerBudget]) -> float:
         if choice.quantized:
             scheme = layer.scheme
             total += (
-                scheme.nbytes(g * m, n, size)
+                scheme.nbytes(g * m, n)
                 if r is None
-                else scheme.nbytes(g * r, n, size) + scheme.nbytes(g * m, r, size)
+                else scheme.nbytes(g * r, n) + scheme.nbytes(g * m, r)
             )
         else:
             total += g * m * n * size if r is None else g * r * (m + n) * size

@@ -68,8 +68,7 @@ class Scheme:
         config: the torchao config class (in ``torchao.quantization``).
         bits: bits per stored weight.
         group: input columns sharing one scale (``None``: one scale per output row).
-        scales: numbers stored per group besides the weights (scale, zero point), each in the
-            weight's float dtype.
+        overhead: bytes stored per group besides the weights (scale, zero point).
         activations: what happens to the layer's inputs.
     """
 
@@ -77,38 +76,38 @@ class Scheme:
     config: str
     bits: int
     group: int | None
-    scales: int
+    overhead: int
     activations: str
 
     def make_config(self) -> Any:
         """The torchao config object (imports torchao)."""
         return getattr(require_torchao("quantization"), self.config)()
 
-    def nbytes(self, rows: int, cols: int, element_size: int = 4) -> float:
+    def nbytes(self, rows: int, cols: int) -> float:
         """Bytes of an ``rows x cols`` weight in this scheme, scales included.
 
         Example:
-            >>> SCHEMES["int8"].nbytes(64, 32)  # 64 * 32 int8 weights and 64 fp32 scales
-            2304.0
+            >>> SCHEMES["int8"].nbytes(64, 32)  # int8 weights, an fp32 scale and int8 zero a row
+            2368.0
         """
         groups = 1 if self.group is None else math.ceil(cols / self.group)
-        return rows * cols * self.bits / 8 + rows * groups * self.scales * element_size
+        return rows * cols * self.bits / 8 + rows * groups * self.overhead
 
 
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("int8", "Int8WeightOnlyConfig", 8, None, 1, "float"),
+        Scheme("int8", "Int8WeightOnlyConfig", 8, None, 5, "float"),
         Scheme(
-            "int8-dynamic", "Int8DynamicActivationInt8WeightConfig", 8, None, 1,
+            "int8-dynamic", "Int8DynamicActivationInt8WeightConfig", 8, None, 5,
             "int8, per token",
         ),
-        Scheme("float8", "Float8WeightOnlyConfig", 8, None, 1, "float"),
+        Scheme("float8", "Float8WeightOnlyConfig", 8, None, 4, "float"),
         Scheme(
-            "float8-dynamic", "Float8DynamicActivationFloat8WeightConfig", 8, None, 1,
+            "float8-dynamic", "Float8DynamicActivationFloat8WeightConfig", 8, None, 4,
             "float8, per token",
         ),
-        Scheme("int4", "Int4WeightOnlyConfig", 4, 128, 2, "float"),
+        Scheme("int4", "Int4WeightOnlyConfig", 4, 128, 4, "float"),
     )
 }  # fmt: skip
 
