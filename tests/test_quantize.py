@@ -157,6 +157,8 @@ def test_save_and_load_keep_the_quantized_outputs(scheme):
     back = unflatten_state_dict(load(save(tensors, metadata=metadata)), metadata)
     again = tl.load_state_dict(mlp(seed=3), back, assign=True)
     assert torch.equal(again(x), model(x))
+    plain = compressed().state_dict()  # a file of plain tensors passes through
+    assert unflatten_state_dict(plain, {"format": "pt"}).keys() == plain.keys()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -196,11 +196,9 @@ def _matches(spec: DenseFilter, name: str, module: nn.Module) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _targets(model: nn.Module, dense: DenseFilter) -> tuple[dict[nn.Module, str], int]:
-    """The Linears to quantize (module -> first name), and how many conv factor layers stay
-    float; raises before anything changes."""
+def _targets(model: nn.Module, dense: DenseFilter) -> dict[nn.Module, str]:
+    """The Linears to quantize (module -> first name); raises before anything changes."""
     targets: dict[nn.Module, str] = {}
-    convs = 0
     inside: set[nn.Module] = set()
     for module, names in low_rank_modules(model).items():
         prefix = f"{names[0]}." if names[0] else ""
@@ -214,8 +212,6 @@ def _targets(model: nn.Module, dense: DenseFilter) -> tuple[dict[nn.Module, str]
             inside.add(factor)
             if isinstance(factor, nn.Linear):
                 targets[factor] = prefix + part
-            else:
-                convs += 1
     if dense is not False:
         for module, names in module_names(model).items():
             if (
@@ -224,7 +220,7 @@ def _targets(model: nn.Module, dense: DenseFilter) -> tuple[dict[nn.Module, str]
                 and _matches(dense, names[0], module)
             ):
                 targets[module] = names[0]
-    return targets, convs
+    return targets
 
 
 def quantize_factors_(
@@ -273,8 +269,9 @@ def quantize_factors_(
             f"but got {dense!r}"
         )
     require_torchao()
-    targets, convs = _targets(model, dense)
+    targets = _targets(model, dense)
     if not targets:
+        convs = 2 * len(low_rank_modules(model))  # all recovered convs
         what = f" ({convs} conv factor layers stay float)" if convs else ""
         raise ValueError(
             f"quantize_factors_: no Linear layer to quantize{what}\n"

@@ -54,7 +54,9 @@ def flatten_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tens
 
 def unflatten_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict:
     """The inverse of :func:`flatten_state_dict`: the state dict with its quantized tensors
-    rebuilt (load it with ``assign=True``).
+    rebuilt (load it with ``assign=True``). Metadata that :func:`flatten_state_dict` did not
+    write (no ``tensor_names``: a file of plain tensors) gives ``tensors`` back as they are,
+    without importing torchao.
 
     Example:
         >>> import torch
@@ -63,6 +65,8 @@ def unflatten_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, s
         >>> all(torch.equal(back[k], sd[k]) for k in sd)
         True
     """
+    if "tensor_names" not in (metadata or {}):
+        return dict(tensors)
     support = require_torchao("prototype.safetensors.safetensors_support")
     result, leftover = support.unflatten_tensor_state_dict(dict(tensors), dict(metadata))
     if leftover:
