@@ -47,6 +47,11 @@ def batches(kind, n=6):
     return [torch.randn(*shape, generator=gen) + 0.5 for _ in range(n)]
 
 
+def half_square(output, batch):
+    """A loss without sampling, so that pooled output weights match one process exactly."""
+    return 0.5 * output.square().sum()
+
+
 #: name -> (model, compress keyword arguments, whether the single-process result must match)
 SCENARIOS = {
     "parallel-linear": ("mlp", {"method": "linear", "corrective": False}),
@@ -56,9 +61,10 @@ SCENARIOS = {
     "global-allocation": ("mlp", {"method": "linear", "corrective": False, "allocation": "global"}),
     "parallel-relu": ("mlp", {"method": "relu", "corrective": False}),
     "corrective-relu": ("mlp", {"method": "relu"}),
+    "corrective-fisher": ("mlp", {"method": "linear", "weighting": {"loss": half_square}}),
 }
 EXACT = ("parallel-linear", "corrective-linear", "parallel-conv", "corrective-conv",
-         "global-allocation")  # fmt: skip
+         "global-allocation", "corrective-fisher")  # fmt: skip
 
 
 def run(name, data, wrap=None):

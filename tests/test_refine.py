@@ -10,7 +10,8 @@ from torch import nn
 
 import torch_lowrank as tl
 from torch_lowrank.base import LowRankModule
-from torch_lowrank.refine import RefineOptions, make_refine, refine_block
+from torch_lowrank.options import make_spec
+from torch_lowrank.refine import RefineOptions, refine_block
 
 
 class Block(nn.Module):
@@ -113,10 +114,16 @@ def test_early_stopping_after_patience_evaluations():
 
 
 def test_any_optimizer_by_name_class_or_callable():
-    assert make_refine({"optimizer": "AdamW"}).optimizer is torch.optim.AdamW
-    assert make_refine({"optimizer": "radam"}).optimizer.__name__ == "RAdam"
+    assert (
+        make_spec(RefineOptions, {"optimizer": "AdamW"}, what="refine").optimizer
+        is torch.optim.AdamW
+    )
+    assert (
+        make_spec(RefineOptions, {"optimizer": "radam"}, what="refine").optimizer.__name__
+        == "RAdam"
+    )
     factory = lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)  # noqa: E731
-    assert make_refine({"optimizer": factory}).optimizer is factory
+    assert make_spec(RefineOptions, {"optimizer": factory}, what="refine").optimizer is factory
 
 
 @pytest.mark.parametrize(

@@ -273,6 +273,7 @@ def corrective_plans(
     progress: bool = True,
     cache_blocks: bool = True,
     refine: RefineOptions | None = None,
+    weights: dict[nn.Module, dict] | None = None,
 ) -> tuple[dict[nn.Module, Plan], dict]:
     """Solve ``modules`` correctively, wave by wave; returns the plans for
     :func:`~torch_lowrank.recover_` to install, and run information (waves, forward passes,
@@ -281,7 +282,8 @@ def corrective_plans(
     ``cache_blocks``, a wave inside a chain of blocks (:mod:`torch_lowrank.blocks`) runs only
     its block on cached inputs; other waves run the whole model. With ``refine``, each block's
     factors are refined once its last wave is solved (:mod:`torch_lowrank.refine`); layers
-    outside a chain of blocks, or that are a chain child on their own, are not. Nothing is
+    outside a chain of blocks, or that are a chain child on their own, are not. ``weights``:
+    per module, the output weighting (:func:`~torch_lowrank.weighting.weigh`). Nothing is
     installed here, and the model is the original again on the way out."""
     if iter(data) is data:
         raise TypeError(
@@ -355,7 +357,7 @@ def corrective_plans(
                     return Plan.dense("saw no calibration data", saw_no_data=True)
                 return plan_layer(
                     module, method, options, fold=bool(fold[module]), rank=ranks.get(module),
-                    paired=paired[module],
+                    paired=paired[module], weighting=(weights or {}).get(module),
                 )  # fmt: skip
 
             wave_plans = distributed.solve_each(wave, solve, cost, device_of)

@@ -30,7 +30,7 @@ from typing import Any, Callable, ClassVar, NoReturn
 import torch
 import torch_optimizer
 
-__all__ = ["METHODS", "Options", "make_options", "optimizer_class"]
+__all__ = ["METHODS", "Options", "make_options", "make_spec", "optimizer_class"]
 __all__ += ["SvdOptions", "LinearOptions", "ReluOptions", "NuclearOptions"]
 
 #: Recovery methods, in the order they are listed to users. ``relu`` is activation-aware.
@@ -236,5 +236,51 @@ def make_options(
             )
     try:
         return cls(**options)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def make_spec(
+    cls: type, value: Any, *, what: str, where: str = "recover_", names: tuple[str, ...] = ()
+) -> Any:
+    """A validated settings dataclass ``cls`` (e.g. the ``refine=`` or ``weighting=`` of
+    :func:`~torch_lowrank.compress`) from what a caller passed: ``None`` or ``False`` for none,
+    ``True`` (or one of ``names``) for the defaults, a mapping of ``cls``'s fields, or a
+    ``cls``. ``what`` names the argument and ``where`` the public call in every message.
+
+    Raises:
+        TypeError: an unknown field (the message lists the valid ones) or another type.
+        ValueError: a bad value, naming it.
+
+    Example:
+        >>> from torch_lowrank.refine import RefineOptions
+        >>> make_spec(RefineOptions, {"steps": 5}, what="refine").steps
+        5
+        >>> make_spec(RefineOptions, {"stepz": 5}, what="refine")
+        Traceback (most recent call last):
+        ...
+        TypeError: recover_: unknown refine option 'stepz'
+        valid options: steps, lr, optimizer, held_out, eval_every, patience
+    """
+    if value is None or value is False:
+        return None
+    if value is True or (isinstance(value, str) and value in names):
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        accepted = "".join(f", {name!r}" for name in names)
+        raise TypeError(
+            f"{where}: {what} must be a bool{accepted}, a mapping or {cls.__name__}\n"
+            f"but got {value!r}"
+        )
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in value:
+        if key not in valid:
+            raise TypeError(
+                f"{where}: unknown {what} option {key!r}\nvalid options: {', '.join(valid)}"
+            )
+    try:
+        return cls(**value)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None

@@ -12,10 +12,11 @@ from torch import nn
 
 from .convert import convert, revert
 from .model import calibrate, low_rank_modules
-from .options import Options, make_options
+from .options import Options, make_options, make_spec
 from .recover import check_refine, recover_
-from .refine import RefineOptions, make_refine
+from .refine import RefineOptions
 from .report import Report
+from .weighting import FisherWeighting
 
 __all__ = ["compress"]
 
@@ -56,6 +57,7 @@ def compress(
     progress: bool = True,
     cache_blocks: bool = True,
     refine: bool | dict | RefineOptions | None = None,
+    weighting: str | dict | FisherWeighting | None = None,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, Report]:
     """Convert, calibrate on ``data`` and recover, in one call (corrective by default).
@@ -76,6 +78,8 @@ def compress(
         progress: tqdm progress bars on an interactive terminal (``False``: never).
         cache_blocks: see :func:`recover_`.
         refine: refine each block after its corrective solve (see :func:`recover_`).
+        weighting: ``"fisher"``: weigh each layer's output errors by their effect on the loss
+            (see :func:`recover_`); needs ``corrective``.
         **convert_kwargs: passed to :func:`convert` (``rank`` / ``ratio`` / ``energy``,
             ``include``, ``exclude``, ``add_bias``, ``samples``, ``activation``, ...).
 
@@ -91,9 +95,17 @@ def compress(
         [5, 5]
     """
     opts = make_options(method, options, where="compress")
-    refining = make_refine(refine, where="compress")
+    refining = make_spec(RefineOptions, refine, what="refine", where="compress")
     if refining is not None:
         check_refine(corrective and method != "svd", cache_blocks, "compress")
+    weighing = make_spec(
+        FisherWeighting, weighting, what="weighting", where="compress", names=("fisher",)
+    )
+    if weighing is not None and not (corrective and method != "svd"):
+        raise ValueError(
+            "compress: weighting='fisher' is measured during corrective recovery;\n"
+            "use corrective=True and a method other than svd"
+        )
     by = convert_kwargs.get("allocate_by", "spectra")
     if by != "spectra" and not corrective:
         raise ValueError(
@@ -120,7 +132,8 @@ def compress(
             calibrate(model, data, forward_fn, progress)
         report = recover_(
             model, method=method, data=data if corrective else None, forward_fn=forward_fn,
-            progress=progress, cache_blocks=cache_blocks, refine=refining, options=opts,
+            progress=progress, cache_blocks=cache_blocks, refine=refining, weighting=weighing,
+            options=opts,
         )  # fmt: skip
     except BaseException:
         revert(model)

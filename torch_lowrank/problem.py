@@ -3,19 +3,16 @@
 A calibrating module exports a frozen :class:`LayerProblem` (:func:`layer_problem`: its weight
 per group, with a following BatchNorm folded in when asked, the moments it observed, its sample
 rows, the activation after it; nothing of the module is kept) and the pure :func:`solve` turns it
-into :class:`~torch_lowrank.solvers.Factors`, one per group, with the closed forms of
-:mod:`torch_lowrank.solvers` and the iterative solvers of :mod:`torch_lowrank.projected` and
-:mod:`torch_lowrank.nuclear`. The module-level and the model-level ``recover_`` share this one
-path::
+into :class:`~torch_lowrank.solvers.Factors`, one per group. The module-level and the
+model-level ``recover_`` share this one path::
 
     problem = module.problem()                # frozen tensors
     factors = solve(problem, "relu", options)  # pure: reads only tensors
     module.install_(factors)                  # the module's own write
 
 Model-level recovery is all or nothing: every layer is solved first into a :class:`Plan`
-(:func:`plan_layer`: factors with their layers already built, so that writing them is attribute
-assignments only, or "keep this layer dense" with the reason), and only when every plan is ready
-are they written.
+(:func:`plan_layer`: factors with their layers already built, or "keep this layer dense" with
+the reason), and only when every plan is ready are they written.
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ from .options import Options, make_options
 from .report import LayerReport
 from .reservoir import Reservoir
 from .solvers import Factors
+from .weighting import solve_weighted, weigh
 
 __all__ = ["GroupData", "LayerProblem", "Plan", "layer_problem", "layer_row", "layer_weights"]
 __all__ += ["plan_layer", "solve"]
@@ -51,7 +49,8 @@ class GroupData:
     the problem's ``outputs`` is set; corrective problems add the moments of the compressed
     network's input ``x~`` and the cross moment ``E[(x~ - mu~)(x - mu)^T]``. ``rows`` are the
     sample rows the low-rank layer sees (``x``, or ``x~`` when corrective) and ``target_rows``
-    the rows that produce the targets (corrective only).
+    the rows that produce the targets (corrective only). ``scale`` / ``unscale``: ``S`` and
+    ``S^-1`` of an output weighting (:mod:`torch_lowrank.weighting`), ``None`` when unweighted.
     """
 
     weight: Tensor
@@ -63,6 +62,8 @@ class GroupData:
     cross: Tensor | None = None
     rows: Tensor | None = None
     target_rows: Tensor | None = None
+    scale: Tensor | None = None
+    unscale: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,10 @@ def _solve_group(
     problem: LayerProblem, group: GroupData, method: str, options: Options, rank, energy
 ):
     weight, bias = group.weight, group.bias
+    aware = method in ("relu", "nuclear") and problem.activation is not None
+    if group.scale is not None and method != "svd" and not aware:  # weighted closed form
+        plain = lambda seen: _solve_group(problem, seen, method, options, rank, energy)  # noqa: E731
+        return solve_weighted(plain, group, problem.outputs, problem.corrective)
     if method == "svd":
         moments = {}
         if problem.seen and not problem.corrective:
@@ -238,15 +243,18 @@ def plan_layer(
     rank: int | None = None,
     observation: Observation | None = None,
     paired: list[tuple[CrossStats, Reservoir | None]] | None = None,
+    weighting: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Solve one calibrating layer without changing it (see
-    :meth:`~torch_lowrank.LowRankLinear.problem` for the arguments). A layer that saw no data
-    (except for ``svd``) or whose chosen rank saves nothing gets a dense plan."""
+    :meth:`~torch_lowrank.LowRankLinear.problem` for the arguments; ``weighting``: the keywords
+    of :func:`~torch_lowrank.weighting.weigh`). A layer that saw no data (except for ``svd``)
+    or whose chosen rank saves nothing gets a dense plan."""
     start = time.perf_counter()
     aware = method in ("relu", "nuclear")  # the closed forms need no sample rows
     problem = module.problem(
         fold=fold, rank=rank, observation=observation, paired=paired, samples=aware
     )
+    problem = problem if weighting is None else weigh(problem, module, **weighting)
     if method != "svd" and problem.seen == 0:
         return Plan.dense("saw no calibration data", saw_no_data=True)
     factors = solve(problem, method, options)

@@ -38,13 +38,14 @@ from .model import (
     world_size,
 )
 from .observer import Observation
-from .options import Options, make_options
+from .options import Options, make_options, make_spec
 from .problem import LayerProblem, Plan, layer_row, plan_layer
 from .quantize import SCHEMES, check_runs, quantize_layers_
-from .refine import RefineOptions, make_refine
+from .refine import RefineOptions
 from .report import LayerReport, Report
-from .sensitivity import sensitivities
+from .sensitivity import output_fisher, sensitivities
 from .settings import Settings
+from .weighting import FisherWeighting
 
 __all__ = ["recover_"]
 
@@ -205,6 +206,7 @@ def recover_(
     progress: bool = True,
     cache_blocks: bool = True,
     refine: bool | dict | RefineOptions | None = None,
+    weighting: str | dict | FisherWeighting | None = None,
     options: dict | Options | None = None,
     **kwargs: Any,
 ) -> Report:
@@ -235,6 +237,10 @@ def recover_(
             factors jointly to the original block's output (``True``, or the fields of
             :class:`~torch_lowrank.refine.RefineOptions`); ``report.info["refine"]`` gives
             each block's steps and held-out error before and after. Needs ``cache_blocks``.
+        weighting: with ``data``, ``"fisher"`` weighs each layer's output errors by the
+            second moment of the loss gradient at its output (``docs/methods.md``; a dict or
+            a :class:`~torch_lowrank.sensitivity.FisherWeighting` sets the damping, the
+            batches and the loss). Applies to the closed-form solves.
         options / **kwargs: the method's options (:mod:`torch_lowrank.options`), checked
             before anything runs: ``damping``; ``max_iter``, ``tol``, ``optimizer``, ``lr``
             (``relu``); ``lam`` (``nuclear``).
@@ -257,9 +263,18 @@ def recover_(
         4
     """
     opts = make_options(method, _merged(options, kwargs), where="recover_")
-    refining = make_refine(refine, where="recover_")
+    refining = make_spec(RefineOptions, refine, what="refine", where="recover_")
     if refining is not None:
         check_refine(data is not None and method != "svd", cache_blocks, "recover_")
+    weighing = make_spec(
+        FisherWeighting, weighting, what="weighting", where="recover_", names=("fisher",)
+    )
+    if weighing is not None and (data is None or iter(data) is data or method == "svd"):
+        raise ValueError(
+            "recover_: weighting='fisher' measures loss gradients on the calibration batches\n"
+            "during corrective recovery; pass data=... (a list or a DataLoader) and a method\n"
+            "other than svd"
+        )
     found = {m: names for m, names in low_rank_modules(model).items() if m.calibrating}
     conversions = settings_of(model)
     measured = [s.allocation.allocate_by for s in conversions if s.allocation is not None]
@@ -304,11 +319,17 @@ def recover_(
         }
         solve_now = [m for m in found if m not in kept]
         start = time.perf_counter()
+        weights = {}
+        if weighing is not None:
+            fisher = output_fisher(model, solve_now, data, forward_fn or default_forward, weighing)
+            weights = {m: {"fisher": g, "damping": weighing.damping} for m, g in fisher.items()}
         if data is not None and method != "svd":
             plans, info = corrective_plans(
                 model, solve_now, data, method, forward_fn or default_forward, fold, opts,
-                ranks, progress, cache_blocks, refining,
+                ranks, progress, cache_blocks, refining, weights,
             )  # fmt: skip
+            if weighing is not None:
+                info["weighting"] = {"damping": weighing.damping, "layers": len(weights)}
             if refining is not None and not info["refine"] and solve_now:
                 warnings.warn(
                     "recover_: refine: no layer is inside a chain of blocks (transformer layers,\n"

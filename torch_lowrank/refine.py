@@ -26,9 +26,8 @@ import contextlib
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +36,7 @@ from .blocks import BlockCache, Chain
 from .options import optimizer_class
 from .solvers import relative_error
 
-__all__ = ["BlockRefinement", "RefineOptions", "make_refine", "refine_block", "refine_cached_block"]
+__all__ = ["BlockRefinement", "RefineOptions", "refine_block", "refine_cached_block"]
 
 Call = tuple[tuple, dict]  # (args, kwargs) of one block call
 
@@ -94,48 +93,6 @@ class RefineOptions:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"refine: {name} must be an int >= {low}\nbut got {value!r}")
         object.__setattr__(self, name, int(value))
-
-
-def make_refine(
-    refine: bool | Mapping[str, Any] | RefineOptions | None, *, where: str = "recover_"
-) -> RefineOptions | None:
-    """The validated refinement options: ``None`` or ``False`` for none, ``True`` for the
-    defaults, a mapping of :class:`RefineOptions` fields, or the options themselves.
-
-    Raises:
-        TypeError: an unknown field (the message lists the valid ones) or another type.
-        ValueError: a bad value, naming it.
-
-    Example:
-        >>> make_refine(True).steps, make_refine(False)
-        (1000, None)
-        >>> make_refine({"stepz": 5})
-        Traceback (most recent call last):
-        ...
-        TypeError: recover_: unknown refine option 'stepz'
-        valid options: steps, lr, optimizer, held_out, eval_every, patience
-    """
-    if refine is None or refine is False:
-        return None
-    if refine is True:
-        return RefineOptions()
-    if isinstance(refine, RefineOptions):
-        return refine
-    if not isinstance(refine, Mapping):
-        raise TypeError(
-            f"{where}: refine must be a bool, a mapping or RefineOptions\n"
-            f"but got {type(refine).__name__}"
-        )
-    valid = [f.name for f in fields(RefineOptions)]
-    for key in refine:
-        if key not in valid:
-            raise TypeError(
-                f"{where}: unknown refine option {key!r}\nvalid options: {', '.join(valid)}"
-            )
-    try:
-        return RefineOptions(**refine)
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
 
 
 @dataclass

@@ -31,8 +31,10 @@ from .problem import plan_layer
 from .ranks import target_rank
 from .settings import GlobalAllocation
 from .solvers import relative_error
+from .weighting import FisherWeighting
 
 __all__ = ["PROBE_BATCHES", "output_distance", "output_tensor", "sensitivities"]
+__all__ += ["output_fisher"]
 
 #: Calibration batches run per probed layer.
 PROBE_BATCHES = 4
@@ -144,3 +146,81 @@ def sensitivities(
         torch.distributed.all_reduce(values)
         weights = dict(zip(weights, (values / world_size()).tolist()))
     return weights
+
+
+def _sampled_loss(output: Any, batch: Any) -> Tensor:
+    """Cross-entropy of labels drawn from the output's own distribution (logits, last dim)."""
+    logits = output_tensor(output)
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    labels = torch.distributions.Categorical(logits=flat.detach()).sample()
+    return nn.functional.cross_entropy(flat, labels, reduction="sum")
+
+
+def output_fisher(
+    model: nn.Module,
+    modules: list[nn.Module],
+    data: Iterable[Any],
+    forward_fn: Callable[[nn.Module, Any], Any],
+    spec: FisherWeighting,
+) -> dict[nn.Module, Tensor]:
+    """Per module, ``G = E[g g^T]`` ``(m_total, m_total)`` over its output rows, ``g`` the
+    gradient of the loss with respect to the module's output (channels last for convs), on
+    the module's device. Gradients are taken with :func:`torch.autograd.grad`, so no
+    parameter's ``.grad`` changes; the modules' observers see nothing. A module whose output
+    does not reach the loss gets ``G = 0``.
+
+    Example:
+        >>> import torch_lowrank as tl
+        >>> model = tl.convert(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)), rank=2)
+        >>> layers = [model[0], model[1]]
+        >>> fisher = output_fisher(model, layers, [torch.randn(16, 8)], tl.default_forward,
+        ...                        FisherWeighting())
+        >>> fisher[model[1]].shape
+        torch.Size([3, 3])
+    """
+    loss_fn = spec.loss or _sampled_loss
+    outputs: dict[nn.Module, list[Tensor]] = {}
+
+    def capture(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        if not output.requires_grad:  # nothing upstream needs grad: start the graph here
+            output = output.detach().requires_grad_()
+        outputs.setdefault(module, []).append(output)
+        return output
+
+    sums = {m: None for m in modules}
+    rows = dict.fromkeys(modules, 0)
+    with contextlib.ExitStack() as stack, torch.enable_grad():
+        for module in modules:
+            stack.enter_context(module.observer.disabled())
+            stack.callback(module.register_forward_hook(capture).remove)
+        for i, batch in enumerate(data):
+            if spec.batches is not None and i >= spec.batches:
+                break
+            outputs.clear()
+            loss = loss_fn(forward_fn(model, batch), batch)
+            seen = [(m, out) for m, outs in outputs.items() for out in outs]
+            grads = torch.autograd.grad(loss, [out for _, out in seen], allow_unused=True)
+            for (module, out), grad in zip(seen, grads):
+                g = (torch.zeros_like(out) if grad is None else grad).detach().float()
+                g = g.movedim(1, -1) if g.dim() > 2 and not _is_linear(module) else g
+                g = g.reshape(-1, g.shape[-1])
+                product = g.T @ g
+                sums[module] = product if sums[module] is None else sums[module] + product
+                rows[module] += g.shape[0]
+    if world_size() > 1:  # every rank ran its own batches: all weigh by the pooled G
+        for module in modules:
+            out = module.dense.weight.shape[0]
+            device = module.factor_device or module.dense.weight.device
+            total = sums[module]
+            if total is None:
+                total = torch.zeros(out, out, device=device)
+            count = torch.tensor([float(rows[module])], device=total.device)
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
+            sums[module], rows[module] = total, int(count.item())
+    return {m: (s.double() / max(rows[m], 1)) for m, s in sums.items() if s is not None}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A Linear's outputs are channels last; a conv's are channels first."""
+    return len(module.dense.weight.shape) == 2
