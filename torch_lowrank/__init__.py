@@ -22,6 +22,7 @@ from .linear import LowRankLinear
 from .model import calibrate, default_forward
 from .options import METHODS
 from .pipeline import compress
+from .quantize import quantize_factors_
 from .recover import recover_
 from .report import LayerReport, Report
 from .serialize import load_state_dict
@@ -43,6 +44,7 @@ __all__ = [
     "from_pretrained",
     "load_state_dict",
     "merge_",
+    "quantize_factors_",
     "recover_",
     "save_pretrained",
 ]

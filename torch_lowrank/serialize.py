@@ -20,6 +20,7 @@ from .convert import REPLACEMENTS
 from .families import adapt
 from .linear import LowRankLinear
 from .model import module_names, replace_everywhere
+from .quantize import is_quantized
 
 __all__ = ["load_state_dict"]
 
@@ -82,9 +83,10 @@ def load_state_dict(
     read from ``down.weight``'s first dimension (divided by ``groups``) and which has a bias when
     ``<name>.up.bias`` is there; it takes the dense layer's device (``meta`` too), dtype,
     ``requires_grad`` and train/eval mode. Then ``model.load_state_dict(state_dict,
-    strict=strict, assign=assign)`` loads everything. Layers that are already low-rank are left
-    as they are, so factors of another rank fail with PyTorch's own "size mismatch" error. If
-    loading fails, the replaced dense layers are put back.
+    strict=strict, assign=assign)`` loads everything (quantized factors, from
+    :func:`~torch_lowrank.quantize_factors_`, with ``assign=True``). Layers that are already
+    low-rank are left as they are, so factors of another rank fail with PyTorch's own "size
+    mismatch" error. If loading fails, the replaced dense layers are put back.
 
     Args:
         model: the dense model, e.g. built on the ``meta`` device (then pass ``assign=True``).
@@ -96,7 +98,8 @@ def load_state_dict(
         ``model``, or the new low-rank module when ``model`` itself is a single layer.
 
     Raises:
-        ValueError: a saved rank the layer cannot hold (out of range, not a multiple of groups).
+        ValueError: a saved rank the layer cannot hold (out of range, not a multiple of groups),
+            or quantized (torchao) tensors without ``assign=True``.
         RuntimeError: from :meth:`~torch.nn.Module.load_state_dict` (missing or unexpected keys,
             size mismatches).
 
@@ -112,6 +115,12 @@ def load_state_dict(
         >>> type(fresh[0]).__name__, fresh[0].rank, fresh[0].up.weight.device.type
         ('LowRankLinear', 4, 'cpu')
     """
+    quantized = sorted(k for k, v in state_dict.items() if is_quantized(v))
+    if quantized and not assign:
+        raise ValueError(
+            "load_state_dict: quantized (torchao) tensors load only with assign=True\n"
+            f"but got assign=False for {', '.join(quantized)}"
+        )
     names = module_names(model)
     swaps: list[tuple[nn.Module, nn.Module]] = []  # (dense, low-rank or folded BatchNorm)
     for module, where in names.items():
