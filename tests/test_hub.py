@@ -207,6 +207,11 @@ def test_quantized_plain_model_with_a_builder_keeps_ties(tmp_path):
     ids = torch.randint(0, VOCAB, (32,), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+    support = "torchao.prototype.safetensors.safetensors_support"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, support, None)  # as if torchao were missing
+        with pytest.raises(ImportError, match=r"pip install 'torch_lowrank\[quant\]'"):
+            tl.from_pretrained(tmp_path, build=Rotary)
 
 
 def test_float_model_saves_no_quantization_and_loads_without_torchao(tmp_path):

@@ -183,7 +183,8 @@ def save_pretrained(model: nn.Module, directory: PathLike, *, report: Report | N
 
     layers = _layers(model, "save_pretrained")
     quantization = quantization_of(model)
-    weights = _weights(model.state_dict(), quantized=bool(quantization))
+    state = model.state_dict()
+    weights = _weights(state, quantized=any(is_quantized(t) for t in state.values()))
     config = getattr(model, "config", None)
     if not callable(getattr(config, "save_pretrained", None)):
         config = None
@@ -303,7 +304,8 @@ def from_pretrained(directory: PathLike, build: Callable[[], nn.Module] | None =
         FileNotFoundError: ``directory`` holds no ``torch_lowrank.json``.
         ValueError: no builder for a model without config, an unknown format, or the built
             model does not match the saved one (named: a layer, rank or weight).
-        ImportError: safetensors (or, for a Hugging Face model, transformers) is missing.
+        ImportError: safetensors (or, for a Hugging Face model, transformers; for quantized
+            weights, torchao) is missing.
         RuntimeError: from :meth:`torch.nn.Module.load_state_dict` (missing or unexpected keys).
 
     Example:
