@@ -24,7 +24,7 @@ from .activations import FoldedBatchNorm
 from .allocation import LayerBudget, allocate, spectrum
 from .base import LowRankModule
 from .convert import dense_row
-from .corrective import corrective_plans, device_of, solve_cost
+from .corrective import corrective_plans, solve_cost
 from .detect import settle_activations
 from .model import (
     default_forward,
@@ -36,7 +36,8 @@ from .model import (
     world_size,
 )
 from .observer import Observation
-from .options import Options, make_options, make_spec
+from .options import POSITIONS, Options, check_positions, make_options, make_spec
+from .pairing import device_of
 from .problem import Plan, layer_row, plan_layer
 from .refine import RefineOptions
 from .report import LayerReport, Report
@@ -160,6 +161,7 @@ def recover_(
     refine: bool | dict | RefineOptions | None = None,
     weighting: str | dict | FisherWeighting | None = None,
     options: dict | Options | None = None,
+    positions: int | None = POSITIONS,
     **kwargs: Any,
 ) -> Report:
     """Recover every calibrating low-rank module of ``model``, all or nothing.
@@ -193,6 +195,9 @@ def recover_(
             second moment of the loss gradient at its output (``docs/methods.md``; a dict or
             a :class:`~torch_lowrank.sensitivity.FisherWeighting` sets the damping, the
             batches and the loss). Applies to the closed-form solves.
+        positions: with ``data``, the patch positions per image whose pairs enter a conv's
+            corrective statistics: a uniform sample, drawn afresh for every batch (``None``:
+            every position; ``docs/corrective.md`` gives the cost of the default in quality).
         options / **kwargs: the method's options (:mod:`torch_lowrank.options`), checked
             before anything runs: ``damping``; ``max_iter``, ``tol``, ``optimizer``, ``lr``
             (``relu``); ``lam`` (``nuclear``).
@@ -215,6 +220,7 @@ def recover_(
         4
     """
     opts = make_options(method, _merged(options, kwargs), where="recover_")
+    positions = check_positions(positions, "recover_")
     refining = make_spec(RefineOptions, refine, what="refine", where="recover_")
     if refining is not None:
         check_refine(data is not None and method != "svd", cache_blocks, "recover_")
@@ -272,7 +278,7 @@ def recover_(
         if data is not None and method != "svd":
             plans, info = corrective_plans(
                 model, solve_now, data, method, forward_fn or default_forward, fold, opts,
-                ranks, progress, cache_blocks, refining, weights,
+                ranks, progress, cache_blocks, refining, weights, positions,
             )  # fmt: skip
             if weighing is not None:
                 info["weighting"] = {"damping": weighing.damping, "layers": len(weights)}
