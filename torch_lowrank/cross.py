@@ -157,8 +157,13 @@ class CrossStats:
             raise RuntimeError("these paired statistics are frozen; they take no more rows")
         self.tilde.check_rows(tilde_rows)  # both sides first: a bad batch adds nothing
         self.original.check_rows(rows)
-        pairs = zip(self.tilde.shifted_chunks(tilde_rows), self.original.shifted_chunks(rows))
-        for t, x in pairs:
+        n, w = self.tilde.features, self.original.features
+        tilde_rows, rows = tilde_rows.reshape(-1, n), rows.reshape(-1, w)
+        if rows.shape[0] == 0:
+            return
+        step = max(1, self.tilde.chunk_elements // max(n, w))  # rows per chunk, on both sides
+        for part_tilde, part in zip(tilde_rows.split(step), rows.split(step)):
+            (t,), (x,) = self.tilde.shifted_chunks(part_tilde), self.original.shifted_chunks(part)
             if t.dtype != x.dtype:  # one float64 side: the product in float64
                 t, x = t.double(), x.double()
             stage = self._stage

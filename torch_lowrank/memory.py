@@ -56,7 +56,9 @@ def plan_bytes(plan: Plan) -> int:
     for f in plan.factors or []:
         shared = {t.data_ptr() for layer in plan.layers or () for t in layer.parameters()}
         held += tensor_bytes(
-            t for t in (f.up, f.down, f.bias, f.spectrum) if t.data_ptr() not in shared
+            t
+            for t in (f.up, f.down, f.bias, f.spectrum)
+            if t is not None and t.data_ptr() not in shared  # no bias: add_bias=False
         )
     return held
 
