@@ -123,7 +123,8 @@ def test_corrective_pairing_makes_no_sync_call(positions):
     layers[0].stats_space = "input"  # narrowing layers pair with W x, this one with x
     model(torch.randn(20, 3, 12, 12))  # the first forward observes the activations
     assert {original_width(m) == m.matrix_shape[0] for m in layers} == {True, False}
-    runs = [lambda compressed, x=torch.randn(20, 3, 12, 12): model(x) for _ in range(8)]
+    batches = [torch.randn(20, 3, 12, 12) for _ in range(8)]
+    runs = [lambda compressed, x=x: model(x) for x in batches]
     with SyncCounter() as counter:
         for layer in layers:
             paired = accumulate_wave([layer], runs, with_samples=True, positions=positions)

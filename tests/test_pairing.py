@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import torch_lowrank as tl
-from torch_lowrank.base import LowRankModule
 from torch_lowrank import solvers
+from torch_lowrank.base import LowRankModule
 from torch_lowrank.cross import CrossStats
 from torch_lowrank.pairing import accumulate_wave, original_width
 
