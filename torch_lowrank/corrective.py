@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .blocks import BlockCache, Chain, find_chains
+from .graphs import GraphCache
 from .memory import plan_bytes, shed_factors, solve_working_bytes, tensor_bytes
 from .model import module_names, stood_in, world_size
 from .options import Options
@@ -189,6 +190,9 @@ def corrective_plans(
         counts["forward"] += chain_passes
         store = next((m.offload for m in modules if m.offload is not None), None)
         cache = BlockCache(model, data, forward_fn, mode, store)
+        graph = None  # a GraphModule without chains: waves run from cached node values
+        if cache_blocks and not where and store is None:
+            graph = GraphCache.of(model, data, forward_fn, mode)
         clock["passes"] += time.perf_counter() - start
         blocks = [_block_of(wave, where) for wave in waves]
         # A child that is one layer is what that layer's closed form already fits: not a block.
@@ -204,6 +208,11 @@ def corrective_plans(
                 cache.seek(*block)
                 clock["passes"] += time.perf_counter() - started
                 runs = cache.runs()
+            elif graph is not None and graph.cut(wave) is not None:
+                started = time.perf_counter()
+                graph.seek(graph.cut(wave))
+                clock["passes"] += time.perf_counter() - started
+                runs = graph.runs()
             else:
                 runs = (_whole_model(model, b, forward_fn, mode, counts) for b in data)
             needs_rows = method in ("relu", "nuclear")
@@ -211,8 +220,9 @@ def corrective_plans(
             paired = accumulate_wave(wave, runs, needs_rows, clock, stop, positions)
             held_now = {id(t): t for pairs in paired.values() for pair in pairs for t in pair}
             wave_bytes = sum(t.nbytes for t in held_now.values() if t is not None)
-            peak = max(peak, held + wave_bytes + cache.nbytes)
-            memory["block_cache_bytes"] = max(memory["block_cache_bytes"], cache.nbytes)
+            cached = cache.nbytes + (0 if graph is None else graph.nbytes)
+            peak = max(peak, held + wave_bytes + cached)
+            memory["block_cache_bytes"] = max(memory["block_cache_bytes"], cached)
             if world_size() > 1:  # every rank saw a shard: sum the pairs of all ranks
                 paired = {m: reduced(m, paired.get(m), needs_rows) for m in wave}
             for pairs in paired.values():  # the moments, computed once in the sums' memory
@@ -248,8 +258,10 @@ def corrective_plans(
         "mode": "corrective",
         "waves": len(waves),
         "positions": positions,
-        "forward_passes": counts["forward"] + cache.forward_passes,
-        "block_passes": cache.block_passes,
+        "forward_passes": counts["forward"]
+        + cache.forward_passes
+        + (0 if graph is None else graph.forward_passes),
+        "block_passes": cache.block_passes + (0 if graph is None else graph.graph_passes),
         "peak_stat_bytes": peak,
         "seconds": time.perf_counter() - start,
         **{f"seconds_{phase}": seconds for phase, seconds in clock.items()},
