@@ -156,7 +156,7 @@ def accumulate_wave(
                         if not shared:
                             original = part
                             if module in products:
-                                original = _products(part, products[module][j])
+                                original = _products(part, products[module], j)
                             cross.update(part_tilde, original)
                         if reservoir is not None:
                             reservoir.update(torch.cat([part_tilde, part], 1))
@@ -164,11 +164,15 @@ def accumulate_wave(
     return paired
 
 
-def _products(rows: Tensor, weight_t: Tensor) -> Tensor:
-    """``W x`` of rows ``(N, n)`` by ``W^T`` ``(n, m)``, in float32 (float64 for float64 rows),
-    on the rows' device (a dense weight kept on the host is copied over for the product)."""
+def _products(rows: Tensor, weights_t: list[Tensor], group: int) -> Tensor:
+    """``W x`` of rows ``(N, n)`` by the group's ``W^T`` ``(n, m)``, in float32 (float64 for
+    float64 rows), on the rows' device: a dense weight kept elsewhere (``offload``) or in
+    another dtype is copied over once, and the copy kept in ``weights_t``."""
     work = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    return rows.to(work) @ weight_t.to(rows.device, work)
+    weight_t = weights_t[group]
+    if weight_t.device != rows.device or weight_t.dtype != work:
+        weight_t = weights_t[group] = weight_t.to(rows.device, work)
+    return rows.to(work) @ weight_t
 
 
 def _same_inputs(a: nn.Module, b: nn.Module, inputs: dict[bool, dict]) -> bool:
