@@ -87,3 +87,35 @@ def test_models_it_would_not_reproduce_run_whole():
     _, report = tl.compress(copy.deepcopy(graph), data, ratio=0.5, method="linear",
                             forward_fn=twice, progress=False)  # fmt: skip
     assert report.info["block_passes"] == 0
+
+
+def test_layers_inside_a_leaf_module_of_the_trace_cut_at_its_call():
+    """A trace that keeps a block as one leaf call: a wave inside it starts at that call."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    class Leaves(fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, Block) or super().is_leaf_module(module, name)
+
+    torch.manual_seed(0)
+    root = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), Block(), nn.Linear(8, 3)).eval()
+    graph = fx.GraphModule(root, Leaves().trace(root))
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 6, generator=gen) for _ in range(3)]
+    got = {}
+    for cache in (True, False):
+        got[cache] = tl.compress(copy.deepcopy(graph), data, rank=3, method="linear",
+                                 cache_blocks=cache, progress=False)  # fmt: skip
+    # no wave ran the whole model: the schedule, the check, one capture per batch
+    assert got[True][1].info["forward_passes"] <= 2 + 1 + len(data)
+    assert all(row.rank == 3 for row in got[True][1].layers if row.name.startswith("2."))
+    for a, b in zip(got[True][0].modules(), got[False][0].modules()):
+        for p, q in zip(a.parameters(recurse=False), b.parameters(recurse=False)):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

@@ -151,9 +151,19 @@ class GraphCache:
         }
 
     def cut(self, wave: list[nn.Module]) -> int | None:
-        """The index of the first node that calls a module of ``wave`` (``None``: none does)."""
+        """The index of the first node that calls a module of ``wave``, or a leaf module of the
+        trace holding one (``None``: none does).
+
+        Example:
+            >>> import torch_lowrank as tl
+            >>> model = tl.convert(fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4))), rank=1)
+            >>> GraphCache(model, [], tl.default_forward, None).cut([model.get_submodule("0")])
+            1
+        """
         for i, node in enumerate(self.nodes):
-            if node.op == "call_module" and self.model.get_submodule(node.target) in wave:
+            if node.op == "call_module" and any(
+                m in wave for m in self.model.get_submodule(node.target).modules()
+            ):
                 return i
         return None
 
