@@ -48,6 +48,7 @@ EXTRAS = {
         "Parallel, GPTQ-style sequential and corrective recovery",
     ),
     "block_caching": ("benchmarks.bench_block_cache", "Corrective recovery with block caching"),
+    "quantized_factors": ("benchmarks.bench_quant", "Low rank and int8 at equal bytes"),
 }
 CALIBRATION_HEADER = (
     "workload, batches x size, reservoir rows, forward ms, calibrate ms, overhead, "

@@ -19,8 +19,9 @@ capped solver iterations (see ``bench_quality.SETTINGS``); it is
 meant to finish in minutes once the trained models are cached (training them the first time
 takes several more minutes). Models are trained once and cached outside the
 repository (``benchmarks/models.py``). Everything is seeded. ``corrective_modes`` (parallel,
-GPTQ-style sequential and corrective recovery, ``bench_corrective``; about 40 minutes) and
-``block_caching`` (``bench_block_cache``) run only when named, e.g. ``--only corrective_modes``.
+GPTQ-style sequential and corrective recovery, ``bench_corrective``; about 40 minutes),
+``block_caching`` (``bench_block_cache``) and ``quantized_factors`` (``bench_quant``: low rank
+and int8 at equal bytes; needs torchao) run only when named, e.g. ``--only corrective_modes``.
 Suite files are named after the benchmarks; the older per-script files in the same folder
 (``memory.json``, ``block_cache.json``, ...) are left alone.
 """
@@ -54,6 +55,7 @@ from benchmarks import (  # noqa: E402
     bench_inference,
     bench_projected,
     bench_quality,
+    bench_quant,
     results_page,
 )
 from benchmarks.models import NUM_THREADS, cache_dir  # noqa: E402
@@ -65,6 +67,11 @@ QUICK_OUT = Path(tempfile.gettempdir()) / "torch_lowrank_bench_quick"
 def _corrective_modes(quick: bool) -> dict:
     """Parallel, GPTQ-style sequential and corrective recovery (``bench_corrective``)."""
     return {"rows": bench_corrective.run(["cnn", "lm"], (0.6, 0.4, 0.25))}
+
+
+def _quantized_factors(quick: bool) -> dict:
+    """Low rank, int8 and both at equal bytes (``bench_quant``; about 10 minutes)."""
+    return bench_quant.run(quick)
 
 
 def _block_caching(quick: bool) -> dict:
@@ -86,6 +93,7 @@ BENCHMARKS = {
     "inference": (bench_inference.run, "quick"),
     "corrective_modes": (_corrective_modes, "extra"),  # about 40 minutes
     "block_caching": (_block_caching, "extra"),
+    "quantized_factors": (_quantized_factors, "extra"),
 }
 
 

@@ -22,7 +22,8 @@ def test_third_theorem_noise_free_relu_recovery_goes_to_zero():
     3 seeds. With N = 2000 samples the ReLU recovery's post-activation error on 4000 fresh
     rows is <= 1e-4 of the output variance for every seed (typically 1e-7 and below), while
     the linear start's is >= 0.5 of it; the median fresh error over the seeds shrinks from
-    N = 20 to 200 to 2000 (strictly), and on the calibration rows the objective is <= 1e-6."""
+    N = 20 to 200 to 2000 (strictly, until it reaches rounding level, 1e-20), and on the
+    calibration rows the objective is <= 1e-6."""
     medians = []
     for rows in (20, 200, 2000):
         errors = []
@@ -39,7 +40,7 @@ def test_third_theorem_noise_free_relu_recovery_goes_to_zero():
                 assert errors[-1] <= 1e-4 and linear_error >= 0.5
                 assert fit.error <= 1e-6 * output_variance(weight, bias, x)
         medians.append(sorted(errors)[1])
-    assert medians[0] > medians[1] > medians[2]
+    assert medians[0] > medians[1] and (medians[1] > medians[2] or medians[1] <= 1e-20)
 
 
 layer = st.tuples(

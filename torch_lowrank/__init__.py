@@ -17,10 +17,12 @@ Example:
 from .conv import LowRankConv1d, LowRankConv2d
 from .convert import convert
 from .finetune import finetune_, merge_
+from .hub import from_pretrained, save_pretrained
 from .linear import LowRankLinear
 from .model import calibrate, default_forward
 from .options import METHODS
 from .pipeline import compress
+from .quantize import quantize_factors_
 from .recover import recover_
 from .report import LayerReport, Report
 from .serialize import load_state_dict
@@ -39,7 +41,10 @@ __all__ = [
     "convert",
     "default_forward",
     "finetune_",
+    "from_pretrained",
     "load_state_dict",
     "merge_",
+    "quantize_factors_",
     "recover_",
+    "save_pretrained",
 ]

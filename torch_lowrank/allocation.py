@@ -11,6 +11,8 @@ layer unmade (a knapsack remainder), which the tests bound against brute force.
 
 A layer whose rank would reach its break-even point (``r (m + n) >= m n``) is kept dense: the
 dense layer then costs no more and loses nothing. The budget counts dense layers in full.
+
+Byte budgets, which choose between rank and precision, are in :mod:`torch_lowrank.bytes_budget`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,23 @@ import torch
 from torch import Tensor
 
 from .problem import LayerProblem
+from .quantize import Scheme
 from .solvers import output_spectrum
 
-__all__ = ["LayerBudget", "allocate", "budget_total", "spectrum"]
+__all__ = ["LayerBudget", "QuantizedError", "allocate", "budget_total", "spectrum"]
+
+
+@dataclass
+class QuantizedError:
+    """The output error quantization adds to a layer, in the units of its spectrum.
+
+    Attributes:
+        factors: at index ``r - 1``, the error added by quantizing the factors of rank ``r``.
+        dense: the error added by quantizing the dense weight (``None``: it cannot be).
+    """
+
+    factors: Tensor
+    dense: float | None
 
 
 @dataclass
@@ -41,6 +57,9 @@ class LayerBudget:
         min_rank / max_rank: bounds on the rank (``max_rank`` None: up to break-even).
         weight: what one unit of the layer's normalised error costs, against the other layers
             (1: every layer alike; a loss sensitivity makes the errors one currency).
+        element_size: bytes of one weight in the layer's own dtype (byte budgets).
+        scheme / quantized: the quantization a byte budget may choose for the layer and the
+            error it adds (``None``: the layer stays in its own dtype).
     """
 
     name: str
@@ -51,6 +70,9 @@ class LayerBudget:
     min_rank: int = 1
     max_rank: int | None = None
     weight: float = 1.0
+    element_size: int = 4
+    scheme: Scheme | None = None
+    quantized: QuantizedError | None = None
 
     def unit_cost(self, budget: str) -> int:
         """The price of one unit of rank."""

@@ -57,8 +57,8 @@ class LowRankModule(nn.Module):
     folded_batchnorm: tuple = ()  # (bn,) when an eval BatchNorm follows (not a child)
     offload: torch.device | None = None
     observer: Observer | None = None
-    #: The dense layer type this module replaces.
-    _dense_type: type
+    source_type: type | None = None  # the foreign layer type merge_ gives back (GPT-2's Conv1D)
+    _dense_type: type  # the dense layer type this module replaces
 
     @classmethod
     def from_dense(
@@ -103,6 +103,7 @@ class LowRankModule(nn.Module):
         module.dense = dense
         if original is not None and original is not dense:
             module.__dict__["source"] = original  # a plain attribute: not a submodule
+            module.source_type = type(original)
         module.calibrating = True
         module.target_rank = resolved
         module.energy = None if energy is None else float(energy)
@@ -321,6 +322,7 @@ class LowRankModule(nn.Module):
         self.observer.close()
         self.observer = None
         del self.dense
+        self.__dict__.pop("source", None)  # the foreign layer goes with the dense one
         self.calibrating = False
         self.down, self.up = down, up
         self.target_rank = self.rank

@@ -30,13 +30,14 @@ from torch import nn
 from .base import LowRankModule
 from .conv import LowRankConv1d, LowRankConv2d
 from .detect import FirstForwardDetector
-from .families import DEFAULT_EXCLUDE, adapt, tied_weights
+from .families import DEFAULT_EXCLUDE, adapt, default_add_bias, tied_weights
 from .linear import LowRankLinear
 from .model import low_rank_modules, module_names, replace_everywhere
 from .observer import BatchGate, ModelHooks
+from .quantize import require_torchao
 from .ranks import target_rank
 from .report import LayerReport
-from .settings import GlobalAllocation, Settings
+from .settings import BUDGETS, GlobalAllocation, Settings
 
 __all__ = ["REPLACEMENTS", "convert", "dense_row", "revert"]
 
@@ -95,7 +96,7 @@ def convert(
     energy: float | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    add_bias: bool = True,
+    add_bias: bool | None = None,
     samples: int = 4096,
     activation: Any = "auto",
     fold_batchnorm: bool = True,
@@ -105,6 +106,7 @@ def convert(
     min_rank: int = 1,
     max_rank: int | None = None,
     allocate_by: str = "spectra",
+    scheme: str | None = None,
     overrides: dict[str, int] | None = None,
     offload: str | torch.device | None = None,
 ) -> nn.Module:
@@ -129,7 +131,11 @@ def convert(
         exclude: the same; matching layers stay dense. ``None`` (default) excludes output
             heads named ``lm_head``; ``[]`` excludes nothing. Layers whose weight is tied to
             another module's (a head sharing the embedding) always stay dense.
-        add_bias: see :meth:`LowRankLinear.from_linear`.
+        add_bias: give bias-free layers a bias, so that the recovery corrects for the mean of
+            their inputs (the optimum); ``False`` keeps them bias-free and solves without
+            intercept (on the uncentred second moment). ``None`` (default): ``False`` for
+            Hugging Face ``transformers`` models, whose architectures decide which layers have a
+            bias, ``True`` for the others (:func:`~torch_lowrank.families.default_add_bias`).
         samples: rows each layer keeps in a uniform random reservoir for the activation-aware
             methods (per group); 0 keeps none.
         activation: the elementwise activation after each layer. ``"auto"`` (default) observes
@@ -145,8 +151,13 @@ def convert(
             at recovery, from their output spectra, so that the layers keep ``ratio`` of their
             total cost and lose the least summed normalised error (see
             :mod:`torch_lowrank.allocation`); layers it gives no saving rank stay dense.
-        budget: what ``ratio`` counts with global allocation: ``"params"`` (weights) or
-            ``"flops"`` (multiply-accumulates; a conv counts its output positions).
+        budget: what ``ratio`` counts with global allocation: ``"params"`` (weights),
+            ``"flops"`` (multiply-accumulates; a conv counts its output positions) or
+            ``"bytes"`` (weights at their precision: recovery also chooses which Linear layers
+            to store in 8 bits and quantizes them; needs torchao, see
+            ``docs/quantization.md``).
+        scheme: with ``budget="bytes"``, the quantization it may choose: ``"int8"``
+            (default) or ``"int8-dynamic"``.
         round_to: global allocation gives ranks that are multiples of this (e.g. 8).
         min_rank / max_rank: bounds on each rank under global allocation.
         allocate_by: what global allocation weighs each layer's error by: ``"spectra"``
@@ -178,16 +189,29 @@ def convert(
         ('LowRankLinear', 'Linear')
     """
     allocation_spec = None
+    if add_bias is None:
+        add_bias = default_add_bias(model)
+    elif not isinstance(add_bias, bool):
+        raise ValueError(f"convert: add_bias must be True, False or None\nbut got {add_bias!r}")
     if allocation not in ("uniform", "global"):
         raise ValueError(
             f"convert: allocation must be 'uniform' or 'global'\nbut got {allocation!r}"
         )
-    if budget not in ("params", "flops"):
-        raise ValueError(f"convert: budget must be 'params' or 'flops'\nbut got {budget!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"convert: budget must be one of {', '.join(BUDGETS)}\nbut got {budget!r}")
+    if (budget == "bytes" or scheme is not None) and allocation != "global":
+        raise ValueError(
+            f"convert: budget={budget!r}, scheme={scheme!r} need allocation='global'\n"
+            f"but got allocation={allocation!r}"
+        )
     if allocation == "global":
         if ratio is None:
             raise ValueError("convert: allocation='global' needs ratio= (the global budget)")
-        allocation_spec = GlobalAllocation(ratio, budget, round_to, min_rank, max_rank, allocate_by)
+        allocation_spec = GlobalAllocation(
+            ratio, budget, round_to, min_rank, max_rank, allocate_by, scheme
+        )
+        if budget == "bytes":
+            require_torchao()
         ratio, rank = None, 1
     else:  # validate the specification once, on a shape every value fits
         if allocate_by != "spectra":

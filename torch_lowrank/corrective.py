@@ -33,7 +33,7 @@ from . import distributed
 from .blocks import BlockCache, Chain, find_chains
 from .graphs import GraphCache
 from .memory import plan_bytes, shed_factors, solve_working_bytes, tensor_bytes
-from .model import module_names, stood_in, world_size
+from .model import FactorStandIn, module_names, stood_in, world_size
 from .options import Options
 from .pairing import accumulate_wave, device_of, reduced
 from .problem import Plan, plan_layer
@@ -249,7 +249,7 @@ def corrective_plans(
             for module, plan in wave_plans.items():
                 plans[module] = shed_factors(plan)
                 if plan.layers is not None:
-                    staged[module] = nn.Sequential(*plan.layers)
+                    staged[module] = FactorStandIn(*plan.layers)
             last = block is not None and (i + 1 == len(waves) or blocks[i + 1] != block)
             if refine is not None and last and refinable[i]:
                 layers = [staged[m] for m in staged if where.get(m) == block]

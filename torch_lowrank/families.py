@@ -2,10 +2,16 @@
 
 * **Foreign layer types** (:data:`ADAPTERS`): a layer that computes what a standard layer
   computes but stores it differently is converted through an equivalent standard layer that
-  shares its storage. Hugging Face GPT-2's ``Conv1D`` is an ``nn.Linear`` whose weight is stored
+  shares its storage, and :func:`~torch_lowrank.merge_` gives the foreign type back
+  (:func:`restore`). Hugging Face GPT-2's ``Conv1D`` is an ``nn.Linear`` whose weight is stored
   transposed, ``(in, out)``; it becomes an ``nn.Linear`` over the transposed weight (a view, no
-  copy) before conversion. It is recognised by class name and module, so ``transformers`` is
-  never imported here.
+  copy) before conversion, and a merged layer becomes a ``Conv1D`` again. It is recognised by
+  class name and module, so ``transformers`` is never imported here.
+* **Bias-free layers** (:data:`NO_ADDED_BIAS`, :func:`default_add_bias`): by default the recovery
+  gives a layer without a bias one, to correct for the mean of its inputs (the optimum). The
+  models of the packages listed (Hugging Face ``transformers``) keep bias-free layers bias-free
+  instead, solved without intercept: their architectures fix which layers have a bias, and
+  ``transformers`` drops any other when a merged model is saved and loaded again.
 * **Layers left dense by default**: output heads named ``lm_head`` (:data:`DEFAULT_EXCLUDE`;
   pass ``exclude=[]`` to :func:`~torch_lowrank.convert` to convert them too) and any layer whose
   weight is tied to another module's (GPT-2's ``lm_head`` shares the token embedding), since
@@ -18,10 +24,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-__all__ = ["ADAPTERS", "DEFAULT_EXCLUDE", "adapt", "tied_weights", "forward_kwargs"]
+__all__ = [
+    "ADAPTERS",
+    "DEFAULT_EXCLUDE",
+    "NO_ADDED_BIAS",
+    "Adapter",
+    "adapt",
+    "default_add_bias",
+    "forward_kwargs",
+    "restore",
+    "tied_weights",
+]
 
 #: fnmatch patterns of layers :func:`~torch_lowrank.convert` leaves dense unless told otherwise.
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head")
@@ -38,10 +56,47 @@ def _conv1d_as_linear(layer: nn.Module) -> nn.Linear:
     return linear
 
 
-#: ``(module path prefix, class name) -> adapter`` for layer types from other libraries.
-ADAPTERS: dict[tuple[str, str], Callable[[nn.Module], nn.Module]] = {
-    ("transformers", "Conv1D"): _conv1d_as_linear,
+def _linear_as_conv1d(linear: nn.Linear, kind: type) -> nn.Module:
+    """The ``Conv1D`` (class ``kind``) computing what ``linear`` computes: its weight transposed
+    (a contiguous copy, as ``transformers`` saves it) and its bias (zeros when it has none, since
+    ``Conv1D`` always adds one)."""
+    with torch.device("meta"):
+        layer = kind(linear.out_features, linear.in_features)  # Conv1D(nf, nx)
+    weight = linear.weight.detach().T.contiguous()
+    layer.weight = nn.Parameter(weight, linear.weight.requires_grad)
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    else:
+        layer.bias = nn.Parameter(weight.new_zeros(linear.out_features), requires_grad=False)
+    layer.train(linear.training)
+    return layer
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How a foreign layer type becomes a standard layer and back.
+
+    Attributes:
+        to_standard: ``to_standard(layer)``: the equivalent standard layer, sharing storage.
+        from_standard: ``from_standard(standard, kind)``: a layer of the foreign class ``kind``
+            equivalent to the standard layer.
+    """
+
+    to_standard: Callable[[nn.Module], nn.Module]
+    from_standard: Callable[[nn.Module, type], nn.Module]
+
+
+#: ``(package, class name) -> Adapter`` for layer types from other libraries.
+ADAPTERS: dict[tuple[str, str], Adapter] = {
+    ("transformers", "Conv1D"): Adapter(_conv1d_as_linear, _linear_as_conv1d),
 }
+
+#: Packages whose models keep bias-free layers bias-free by default (see the module docs).
+NO_ADDED_BIAS = ("transformers",)
+
+
+def _package(kind: type) -> str:
+    return kind.__module__.split(".", 1)[0]
 
 
 def adapt(module: nn.Module) -> nn.Module:
@@ -51,9 +106,34 @@ def adapt(module: nn.Module) -> nn.Module:
         >>> adapt(nn.Linear(3, 2)).__class__.__name__
         'Linear'
     """
-    package = type(module).__module__.split(".", 1)[0]
-    adapter = ADAPTERS.get((package, type(module).__name__))
-    return module if adapter is None else adapter(module)
+    adapter = ADAPTERS.get((_package(type(module)), type(module).__name__))
+    return module if adapter is None else adapter.to_standard(module)
+
+
+def restore(standard: nn.Module, kind: type | None) -> nn.Module:
+    """The layer of the foreign class ``kind`` equivalent to the standard layer ``standard``
+    (``standard`` itself when ``kind`` is ``None`` or has no adapter): the inverse of
+    :func:`adapt`.
+
+    Example:
+        >>> restore(nn.Linear(3, 2), None).__class__.__name__
+        'Linear'
+    """
+    adapter = None if kind is None else ADAPTERS.get((_package(kind), kind.__name__))
+    return standard if adapter is None else adapter.from_standard(standard, kind)
+
+
+def default_add_bias(model: nn.Module) -> bool:
+    """Whether :func:`~torch_lowrank.convert` gives the bias-free layers of ``model`` a bias by
+    default: ``False`` for a model (or a block of one) from a package in
+    :data:`NO_ADDED_BIAS`, ``True`` otherwise.
+
+    Example:
+        >>> default_add_bias(nn.Linear(2, 2))
+        True
+    """
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    return not any(_package(kind) in NO_ADDED_BIAS for kind in type(inner).__mro__)
 
 
 def tied_weights(model: nn.Module) -> dict[nn.Module, str]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LowRankModule
+from .families import restore
 from .model import default_forward, low_rank_modules, progress_bar, replace_everywhere
 from .options import optimizer_class
 
@@ -259,10 +260,14 @@ def merge_(model: nn.Module) -> nn.Module:
     """Replace every recovered low-rank module of ``model`` by its dense layer, in place.
 
     Each module becomes its :meth:`~torch_lowrank.LowRankLinear.to_dense` layer (an
-    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` holding the product of the factors) at every
-    name it is reachable under, on the same device, in the same dtype, with the same train/eval
-    mode; its weight requires grad when a factor did, its bias when ``up.bias`` did. Forward hooks
-    and pre-hooks registered on a low-rank module are registered on its dense layer too.
+    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` holding the product of the factors), or the
+    architecture's own layer type when the module replaced a foreign one (Hugging Face GPT-2's
+    ``Conv1D``, see :mod:`torch_lowrank.families`), at every name it is reachable under, on the
+    same device, in the same dtype, with the same train/eval mode; its weight requires grad when
+    a factor did, its bias when ``up.bias`` did. A layer without a bias stays without one (a
+    ``Conv1D`` always has one: zeros), so a model compressed with ``add_bias=False`` (the default
+    for Hugging Face models) merges into the architecture it came from. Forward hooks and
+    pre-hooks registered on a low-rank module are registered on its dense layer too.
 
     Raises:
         RuntimeError: a low-rank module is still calibrating (named); nothing is merged.
@@ -301,4 +306,4 @@ def _dense_of(module: LowRankModule) -> nn.Module:
     if module.up.bias is not None:
         dense.bias.requires_grad_(module.up.bias.requires_grad)
     dense.train(module.training)
-    return dense
+    return restore(dense, module.source_type)

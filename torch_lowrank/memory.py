@@ -55,11 +55,8 @@ def plan_bytes(plan: Plan) -> int:
     )
     for f in plan.factors or []:
         shared = {t.data_ptr() for layer in plan.layers or () for t in layer.parameters()}
-        held += tensor_bytes(
-            t
-            for t in (f.up, f.down, f.bias, f.spectrum)
-            if t is not None and t.data_ptr() not in shared  # no bias: add_bias=False
-        )
+        tensors = (f.up, f.down, f.bias, f.spectrum)  # a bias-free layer's bias is None
+        held += tensor_bytes(t for t in tensors if t is not None and t.data_ptr() not in shared)
     return held
 
 

@@ -27,6 +27,7 @@ from .base import LowRankModule
 from .families import forward_kwargs
 
 __all__ = [
+    "FactorStandIn",
     "calibrate",
     "default_forward",
     "eval_mode",
@@ -112,6 +113,25 @@ def settings_of(model: nn.Module) -> list:
         if calibrating and settings is not None and all(settings is not s for s in found):
             found.append(settings)
     return found
+
+
+class FactorStandIn(nn.Sequential):
+    """A solved layer's factor layers ``(down, up)``, run in place of its calibrating module
+    (:func:`stood_in`) while later layers are solved. Model code that reads the layer's
+    ``weight`` (T5 checks its dtype) gets the product of linear factors.
+
+    Example:
+        >>> stand_in = FactorStandIn(nn.Linear(8, 2, bias=False), nn.Linear(2, 4))
+        >>> tuple(stand_in.weight.shape)
+        (4, 8)
+    """
+
+    @property
+    def weight(self) -> Tensor:
+        down, up = self[0], self[-1]
+        if not (isinstance(down, nn.Linear) and isinstance(up, nn.Linear)):
+            raise AttributeError("weight: only the stand-in of a linear layer has one")
+        return up.weight @ down.weight
 
 
 @contextlib.contextmanager

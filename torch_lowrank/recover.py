@@ -21,11 +21,13 @@ from torch import nn
 
 from . import distributed
 from .activations import FoldedBatchNorm
-from .allocation import LayerBudget, allocate, spectrum
+from .allocation import LayerBudget, QuantizedError, allocate, spectrum
 from .base import LowRankModule
+from .bytes_budget import Choice, allocate_bytes, quantization_error
 from .convert import dense_row
 from .corrective import corrective_plans, solve_cost
 from .detect import settle_activations
+from .linear import LowRankLinear
 from .model import (
     default_forward,
     eval_mode,
@@ -38,7 +40,8 @@ from .model import (
 from .observer import Observation
 from .options import POSITIONS, Options, check_positions, make_options, make_spec
 from .pairing import device_of
-from .problem import Plan, layer_row, plan_layer
+from .problem import LayerProblem, Plan, layer_row, plan_layer
+from .quantize import SCHEMES, check_runs, quantize_layers_
 from .refine import RefineOptions
 from .report import LayerReport, Report
 from .sensitivity import output_fisher, sensitivities
@@ -61,11 +64,12 @@ def _global_ranks(
     conversions: list[Settings],
     data: Iterable[Any] | None,
     forward_fn: Callable[[nn.Module, Any], Any],
-) -> dict[nn.Module, int | None]:
+) -> dict[nn.Module, Choice]:
     """Ranks for the modules awaiting global allocation (``None``: keep dense), one
     allocation per conversion (``conversions``) that asked for it; with ``allocate_by`` other
-    than ``"spectra"``, each layer's error weighed by its measured sensitivity on ``data``."""
-    chosen: dict[nn.Module, int | None] = {}
+    than ``"spectra"``, each layer's error weighed by its measured sensitivity on ``data``;
+    with a byte budget, whether each Linear is quantized too."""
+    chosen: dict[nn.Module, Choice] = {}
     for settings in (s for s in conversions if s.allocation is not None):
         spec = settings.allocation
         ours = [m for m in found if m.settings is settings and observed[m].samples_seen > 0]
@@ -83,20 +87,64 @@ def _global_ranks(
             if module in pending:
                 problem = module.problem(fold=bool(fold[module]), observation=seen, samples=False)
                 values, low, high = spectrum(problem), spec.min_rank, spec.max_rank
+                extra = (
+                    _bytes_fields(module, problem, spec.scheme) if spec.budget == "bytes" else {}
+                )
             else:  # a fixed rank (overrides) spends its share of the budget first
                 values = torch.zeros(min(m, n), dtype=torch.float64)
                 values[0] = 1.0
                 low = high = module.target_rank
+                extra = {"element_size": module.original.weight.element_size()}
             positions = max(1, seen.samples_seen // max(seen.inputs_seen, 1))
             layers.append(
                 LayerBudget(
                     found[module][0], (m, n), values, module.groups, positions, low, high,
-                    weight=weights.get(module, 1.0),
+                    weight=weights.get(module, 1.0), **extra,
                 )
             )  # fmt: skip
-        ranks = allocate(layers, spec.ratio, spec.budget, spec.round_to)
-        chosen.update({m: ranks[found[m][0]] for m in pending})
+        if spec.budget == "bytes":
+            picks = allocate_bytes(layers, spec.ratio, spec.round_to)
+        else:
+            ranks = allocate(layers, spec.ratio, spec.budget, spec.round_to)
+            picks = {name: Choice(rank) for name, rank in ranks.items()}
+        chosen.update({m: picks[found[m][0]] for m in pending})
     return chosen
+
+
+def _bytes_fields(module: nn.Module, problem: LayerProblem, scheme: str) -> dict[str, Any]:
+    """What a byte budget knows of a layer: its weights' size and, for a Linear (torchao
+    quantizes ``nn.Linear``; conv factors stay float), the scheme and its predicted error."""
+    weight = module.original.weight
+    fields: dict[str, Any] = {"element_size": weight.element_size()}
+    if isinstance(module, LowRankLinear):
+        error = quantization_error(problem, SCHEMES[scheme].bits)
+        if type(module.original) is not nn.Linear:  # e.g. GPT-2's Conv1D: only factors
+            error = QuantizedError(error.factors, None)
+        fields.update(scheme=SCHEMES[scheme], quantized=error)
+    return fields
+
+
+def _quantize_chosen(
+    model: nn.Module, found: dict[nn.Module, list[str]], schemes: dict[nn.Module, str], rows: dict
+) -> dict[str, str]:
+    """Quantize the layers a byte budget chose (their factors, or the dense layer put back),
+    one scheme at a time; notes it in their report rows."""
+    by_scheme: dict[str, dict[nn.Module, str]] = {}
+    done: dict[str, str] = {}
+    for module, scheme in schemes.items():
+        name = found[module][0]
+        if module.calibrating:  # kept dense
+            layers = {module.original: name} if type(module.original) is nn.Linear else {}
+        else:
+            prefix = f"{name}." if name else ""
+            layers = {module.down: f"{prefix}down", module.up: f"{prefix}up"}
+        by_scheme.setdefault(scheme, {}).update(layers)
+        done.update({n: scheme for n in layers.values()})
+        if layers:
+            rows[module].note = "; ".join(filter(None, [rows[module].note, f"{scheme} weights"]))
+    for scheme, layers in by_scheme.items():
+        quantize_layers_(model, layers, scheme, "recover_")
+    return done
 
 
 def _parallel_plans(
@@ -263,9 +311,15 @@ def recover_(
             observed = distributed.summed_observations(found, device_of)
         else:
             observed = {m: m.observer.observation() for m in found}
-        ranks = _global_ranks(
+        choices = _global_ranks(
             model, found, fold, observed, conversions, data, forward_fn or default_forward
         )
+        ranks = {module: choice.rank for module, choice in choices.items()}
+        schemes = {m: m.settings.allocation.scheme for m, c in choices.items() if c.quantized}
+        for module, scheme in schemes.items():  # refused before anything is written
+            weight = module.original.weight
+            device = module.factor_device or weight.device
+            check_runs(scheme, device, weight.dtype, found[module][0], "recover_")
         kept = {
             m: Plan.dense("global allocation keeps it dense") for m, r in ranks.items() if r is None
         }
@@ -303,6 +357,8 @@ def recover_(
 
     # Phase 2: write back (attribute assignments only).
     rows = _write(model, found, plans, fold, method)
+    if schemes:
+        info["quantized"] = _quantize_chosen(model, found, schemes, rows)
     for settings in conversions:
         settings.hooks.remove()
     by_name = {row.name: row for s in conversions for row in s.skipped}

@@ -17,8 +17,10 @@ from torch import Tensor, nn
 
 from .activations import BATCHNORMS, FoldedBatchNorm
 from .convert import REPLACEMENTS
+from .families import adapt
 from .linear import LowRankLinear
 from .model import module_names, replace_everywhere
+from .quantize import is_quantized
 
 __all__ = ["load_state_dict"]
 
@@ -28,7 +30,9 @@ def _low_rank_like(
 ) -> nn.Module | None:
     """A recovered low-rank module for ``dense`` shaped by the factors under ``prefix`` in
     ``state_dict``, with the device, dtype, ``requires_grad`` and mode of ``dense`` and its factors
-    uninitialised (loading fills them); ``None`` when ``dense`` is no supported layer."""
+    uninitialised (loading fills them); ``None`` when ``dense`` is no supported layer. A foreign
+    layer (GPT-2's ``Conv1D``) goes through its standard form and is remembered for ``merge_``."""
+    foreign, dense = dense, adapt(dense)
     kind = next((lr for d, lr in REPLACEMENTS if isinstance(dense, d)), None)
     if kind is None:
         return None
@@ -53,10 +57,12 @@ def _low_rank_like(
     except ValueError as err:
         raise ValueError(f"load_state_dict: layer {name!r}: {err}") from err
     module = module.to_empty(device=weight.device)  # no initialisation: loading fills the factors
+    if foreign is not dense:
+        module.source_type = type(foreign)
     module.requires_grad_(weight.requires_grad)
     if bias and dense.bias is not None:
         module.up.bias.requires_grad_(dense.bias.requires_grad)
-    module.train(dense.training)
+    module.train(foreign.training)
     return module
 
 
@@ -69,16 +75,18 @@ def load_state_dict(
 ) -> nn.Module:
     """Load the state dict of a compressed model into a freshly built dense ``model``.
 
-    Every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` at a name ``<name>`` for which
-    ``state_dict`` holds ``<name>.down.weight`` and ``<name>.up.weight`` is replaced (at every name
-    it is reachable under) by a recovered :class:`~torch_lowrank.LowRankLinear` /
+    Every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (or Hugging Face GPT-2 ``Conv1D``) at a
+    name ``<name>`` for which ``state_dict`` holds ``<name>.down.weight`` and ``<name>.up.weight``
+    is replaced (at every name it is reachable under) by a recovered
+    :class:`~torch_lowrank.LowRankLinear` /
     :class:`~torch_lowrank.LowRankConv1d` / :class:`~torch_lowrank.LowRankConv2d` whose rank is
     read from ``down.weight``'s first dimension (divided by ``groups``) and which has a bias when
     ``<name>.up.bias`` is there; it takes the dense layer's device (``meta`` too), dtype,
     ``requires_grad`` and train/eval mode. Then ``model.load_state_dict(state_dict,
-    strict=strict, assign=assign)`` loads everything. Layers that are already low-rank are left
-    as they are, so factors of another rank fail with PyTorch's own "size mismatch" error. If
-    loading fails, the replaced dense layers are put back.
+    strict=strict, assign=assign)`` loads everything (quantized factors, from
+    :func:`~torch_lowrank.quantize_factors_`, with ``assign=True``). Layers that are already
+    low-rank are left as they are, so factors of another rank fail with PyTorch's own "size
+    mismatch" error. If loading fails, the replaced dense layers are put back.
 
     Args:
         model: the dense model, e.g. built on the ``meta`` device (then pass ``assign=True``).
@@ -90,7 +98,8 @@ def load_state_dict(
         ``model``, or the new low-rank module when ``model`` itself is a single layer.
 
     Raises:
-        ValueError: a saved rank the layer cannot hold (out of range, not a multiple of groups).
+        ValueError: a saved rank the layer cannot hold (out of range, not a multiple of groups),
+            or quantized (torchao) tensors without ``assign=True``.
         RuntimeError: from :meth:`~torch.nn.Module.load_state_dict` (missing or unexpected keys,
             size mismatches).
 
@@ -106,6 +115,12 @@ def load_state_dict(
         >>> type(fresh[0]).__name__, fresh[0].rank, fresh[0].up.weight.device.type
         ('LowRankLinear', 4, 'cpu')
     """
+    quantized = sorted(k for k, v in state_dict.items() if is_quantized(v))
+    if quantized and not assign:
+        raise ValueError(
+            "load_state_dict: quantized (torchao) tensors load only with assign=True\n"
+            f"but got assign=False for {', '.join(quantized)}"
+        )
     names = module_names(model)
     swaps: list[tuple[nn.Module, nn.Module]] = []  # (dense, low-rank or folded BatchNorm)
     for module, where in names.items():

@@ -18,7 +18,10 @@ from .report import LayerReport
 
 __all__ = ["GlobalAllocation", "Settings"]
 
-BUDGETS = ("params", "flops")
+BUDGETS = ("params", "flops", "bytes")
+#: The quantization schemes a byte budget may choose (8-bit integers, one scale per row: the
+#: error model of :func:`~torch_lowrank.bytes_budget.quantization_error`).
+BYTE_SCHEMES = ("int8", "int8-dynamic")
 #: What global allocation weighs the layers' errors by: their normalised spectra alone, or the
 #: measured effect of each layer's error on the model's output (:mod:`torch_lowrank.sensitivity`).
 ALLOCATE_BY = ("spectra", "kl", "mse")
@@ -36,12 +39,15 @@ class GlobalAllocation:
 
     Attributes:
         ratio: the fraction of the converted layers' total cost kept, in (0, 1].
-        budget: what is counted: ``"params"`` (weights) or ``"flops"``.
+        budget: what is counted: ``"params"`` (weights), ``"flops"`` or ``"bytes"`` (weights
+            at their precision: the allocation also chooses which layers to quantize).
         round_to: ranks are multiples of this.
         min_rank / max_rank: bounds on every allocated rank.
         allocate_by: ``"spectra"`` (every layer's normalised error alike), ``"kl"`` or ``"mse"``
             (each layer's error weighed by its measured effect on the output: the KL divergence
             of the output distributions, for logits, or the relative squared error).
+        scheme: with ``budget="bytes"``, the quantization it may choose: ``"int8"`` (default)
+            or ``"int8-dynamic"`` (:mod:`torch_lowrank.quantize`).
 
     Example:
         >>> GlobalAllocation(0.5, min_rank=4, max_rank=2)
@@ -57,6 +63,7 @@ class GlobalAllocation:
     min_rank: int = 1
     max_rank: int | None = None
     allocate_by: str = "spectra"
+    scheme: str | None = None
 
     def __post_init__(self) -> None:
         ratio = self.ratio
@@ -65,7 +72,19 @@ class GlobalAllocation:
         object.__setattr__(self, "ratio", float(ratio))
         if self.budget not in BUDGETS:
             raise ValueError(
-                f"convert: budget must be 'params' or 'flops'\nbut got {self.budget!r}"
+                f"convert: budget must be one of {', '.join(BUDGETS)}\nbut got {self.budget!r}"
+            )
+        if self.budget == "bytes":
+            scheme = "int8" if self.scheme is None else self.scheme
+            if scheme not in BYTE_SCHEMES:
+                raise ValueError(
+                    f"convert: scheme must be one of {', '.join(BYTE_SCHEMES)}\nbut got {scheme!r}"
+                )
+            object.__setattr__(self, "scheme", scheme)
+        elif self.scheme is not None:
+            raise ValueError(
+                f"convert: scheme={self.scheme!r} is for budget='bytes'\n"
+                f"but got budget={self.budget!r}"
             )
         if self.allocate_by not in ALLOCATE_BY:
             raise ValueError(
@@ -91,6 +110,7 @@ class GlobalAllocation:
             "min_rank": self.min_rank,
             "max_rank": self.max_rank,
             "allocate_by": self.allocate_by,
+            "scheme": self.scheme,
         }
 
 
