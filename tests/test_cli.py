@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import torch_lowrank as tl
+from torch_lowrank import cli
 from torch_lowrank.cli import calibration_batches, main, perplexity
+from torch_lowrank.hub import INFO_FILE
+from torch_lowrank.quantize import quantization_of
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -90,6 +93,66 @@ def test_compress_then_eval_end_to_end(workspace, capsys):
     assert "stride 16" in compressed and "max_length 64, stride 32" in dense
 
 
+def small_run(workspace, out, *flags):
+    return [
+        "compress", str(workspace / "model"), "--data", str(workspace / "text.txt"),
+        "--out", str(out), "--seq-len", "16", "--samples", "4", "--batch-size", "2",
+        "--method", "linear", "--no-progress", *flags,
+    ]  # fmt: skip
+
+
+def test_fisher_weighting_and_int8_factors_end_to_end(workspace, capsys, monkeypatch):
+    """--weighting fisher reaches compress (every layer weighted), --quantize int8 quantizes
+    every factor before saving, and the saved directory loads and evaluates."""
+    pytest.importorskip("torchao")
+    infos = []
+
+    def spy(*args, **kwargs):
+        model, report = tl.compress(*args, **kwargs)
+        infos.append(report.info)
+        return model, report
+
+    monkeypatch.setattr(cli, "compress", spy)
+    out = workspace / "fisher-int8"
+    argv = small_run(workspace, out, "--ratio", "0.4", "--weighting", "fisher")
+    assert main([*argv, "--quantize", "int8"]) == 0
+    printed = capsys.readouterr().out
+    assert infos[0]["weighting"]["layers"] == 8
+    schemes = json.loads((out / INFO_FILE).read_text())["quantization"]
+    assert len(schemes) == 16 and set(schemes.values()) == {"int8"}
+    assert "16 layers store their weights in int8" in printed
+    loaded = tl.from_pretrained(out)
+    assert quantization_of(loaded) == schemes
+    text = str(workspace / "text.txt")
+    assert main(["eval", str(out), "--data", text, "--max-length", "32", "--no-progress"]) == 0
+    value = float(capsys.readouterr().out.split()[1])
+    ids = loaded.config.vocab_size  # the perplexity of a uniform guess bounds a sane model's
+    assert math.isfinite(value) and 1 < value < 2 * ids
+
+
+def test_byte_budget_end_to_end(workspace, capsys):
+    pytest.importorskip("torchao")
+    from torch_lowrank.quantized_state import weight_bytes
+
+    out = workspace / "bytes"
+    flags = ["--ratio", "0.3", "--allocation", "global", "--budget", "bytes"]
+    assert main(small_run(workspace, out, *flags, "--scheme", "int8-dynamic")) == 0
+    report = json.loads((out / "report.json").read_text())
+    schemes = json.loads((out / INFO_FILE).read_text())["quantization"]
+    assert schemes and set(schemes.values()) == {"int8-dynamic"}
+    assert "store their weights in int8-dynamic" in capsys.readouterr().out
+    loaded = tl.from_pretrained(out)
+    rows = [row for row in report["layers"] if row["name"] != "lm_head"]  # excluded by default
+    names = [row["name"] for row in rows]
+    dense = sum(4 * row["shape"][0] * row["shape"][1] for row in rows)
+    kept = 0
+    for name in names:
+        layer = loaded.get_submodule(name)
+        biases = sum(p.nbytes for n, p in layer.named_parameters() if n.endswith("bias"))
+        kept += weight_bytes(layer) - biases
+    assert len(names) == 8 and 0.2 * dense < kept <= 0.3 * dense
+
+
 def test_perplexity_scores_every_token_once_and_matches_one_forward():
     """Overlapping windows score every token but the first once; a window as long as the text
     is one forward; non-overlapping windows (stride == max_length) are independent."""
@@ -139,6 +202,16 @@ def test_bad_input_exits_with_a_message(workspace, capsys, tmp_path):
          "ratio"),
         (["compress", model, "--data", text, "--out", str(tmp_path), "--option", "max_iter"],
          "expected KEY=VALUE"),
+        (["compress", model, "--data", text, "--out", str(tmp_path), "--budget", "bytes",
+          "--allocation", "global", "--quantize", "int8"],
+         "--quantize with --budget bytes: .*\nbut got --quantize int8; use one or the other"),
+        (["compress", model, "--data", text, "--out", str(tmp_path), "--scheme", "int8"],
+         "--scheme int8 is the 8-bit scheme of --budget bytes\nbut got --budget params"),
+        (["compress", model, "--data", text, "--out", str(tmp_path), "--quantize", "int4"],
+         "--quantize int4: torchao does not run it on cpu for torch.float32 weights\n"
+         "schemes that run there: int8, int8-dynamic"),
+        (["compress", model, "--data", text, "--out", str(tmp_path), "--weighting", "fisher",
+          "--method", "svd"], "weighting='fisher' is measured during corrective recovery"),
     ]  # fmt: skip
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit:

@@ -3,6 +3,7 @@ seven families built from configs (no downloads), and plain PyTorch models with 
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -149,6 +150,83 @@ def test_plain_model_with_a_builder(tmp_path):
     ids = torch.randint(0, VOCAB, (32,))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_quantized_hugging_face_round_trip_is_bit_identical(family, compressed, tmp_path):
+    """int8 factors come back as the torchao tensors they were saved as. GPT-2's head is
+    quantized too (dense="lm_head"), which unties it from wte: it must stay untied."""
+    pytest.importorskip("torchao")
+    from torch_lowrank.quantize import quantization_of
+
+    model = copy.deepcopy(compressed[family][0])
+    tl.quantize_factors_(model, "int8", dense="lm_head" if family == "gpt2" else False)
+    schemes = quantization_of(model)
+    assert len(schemes) == 2 * len(tl.model.low_rank_modules(model)) + (family == "gpt2")
+    tl.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / INFO_FILE).read_text())["quantization"] == schemes
+    loaded = tl.from_pretrained(tmp_path)
+    assert quantization_of(loaded) == schemes
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert tie_names(loaded) == tie_names(model)
+    if family == "gpt2":
+        assert loaded.lm_head.weight is not loaded.transformer.wte.weight
+    batch = token_batches(family, 1, seed=5)[0]
+    assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+
+def test_quantized_plain_model_with_a_builder_keeps_ties(tmp_path):
+    pytest.importorskip("torchao")
+    from safetensors import safe_open
+
+    torch.manual_seed(6)
+    model = Rotary().eval()
+    data = [torch.randint(0, VOCAB, (64,)) for _ in range(3)]
+    model, _ = tl.compress(model, data, rank=4, method="linear", progress=False)
+    tl.quantize_factors_(model, "int8-dynamic")
+    tl.save_pretrained(model, tmp_path)
+    with safe_open(tmp_path / WEIGHTS_FILE, "pt") as handle:
+        names, metadata = set(handle.keys()), handle.metadata()
+    assert "body.0.down._weight_qdata" in names and "body.0.down.weight" not in names
+    assert json.loads(metadata["tensor_names"]) and metadata["format"] == "pt"
+    meta_at_build = []
+
+    def build() -> nn.Module:
+        dense = Rotary()
+        meta_at_build.append(all(p.is_meta for p in dense.parameters()))
+        return dense
+
+    loaded = tl.from_pretrained(tmp_path, build=build)
+    assert meta_at_build == [True]
+    assert loaded.head.weight is loaded.embed.weight and not tl.quantize.is_quantized(
+        loaded.head.weight
+    )
+    schemes = tl.quantize.quantization_of(model)
+    assert set(schemes) == {"body.0.down", "body.0.up", "proj.down", "proj.up"}
+    assert tl.quantize.quantization_of(loaded) == schemes
+    ids = torch.randint(0, VOCAB, (32,), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    support = "torchao.prototype.safetensors.safetensors_support"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, support, None)  # as if torchao were missing
+        with pytest.raises(ImportError, match=r"pip install 'torch_lowrank\[quant\]'"):
+            tl.from_pretrained(tmp_path, build=Rotary)
+
+
+def test_float_model_saves_no_quantization_and_loads_without_torchao(tmp_path):
+    model = tl.convert(nn.Sequential(nn.Linear(16, 16), nn.ReLU()), rank=2)
+    model(torch.randn(32, 16))
+    tl.recover_(model, method="linear")
+    tl.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / INFO_FILE).read_text())["quantization"] == {}
+    code = (
+        "import sys, torch, torch_lowrank as tl\n"
+        f"m = tl.from_pretrained({str(tmp_path)!r}, build=lambda: torch.nn.Sequential("
+        "torch.nn.Linear(16, 16), torch.nn.ReLU()))\n"
+        "assert m[0].rank == 2 and 'torchao' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def test_parameters_on_meta_keeps_buffers_and_ties():

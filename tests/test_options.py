@@ -145,8 +145,9 @@ def test_defaults_equal_the_solvers_defaults():
     relu, nuc = make_options("relu", None), make_options("nuclear", None)
     assert make_options("linear", None).damping == relu.damping == nuc.damping == 1e-2
     assert default(solvers.corrective, "damping") == 1e-2
+    assert default(projected.activation_aware, "max_iter") == relu.max_iter == 30
+    assert default(nuclear.nuclear, "max_iter") == nuc.max_iter == 200
     for function in (projected.activation_aware, nuclear.nuclear):
-        assert default(function, "max_iter") == relu.max_iter == nuc.max_iter == 200
         assert default(function, "tol") == relu.tol == nuc.tol == 1e-6
     assert (relu.optimizer, relu.lr, nuc.lam) == (None, None, None)
 

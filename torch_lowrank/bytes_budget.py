@@ -33,7 +33,13 @@ class Choice:
     quantized: bool = False
 
 
-Option = tuple  # (bytes, weighted normalised error, Choice): one entry of a layer's menu
+@dataclass(frozen=True)
+class Option:
+    """One entry of a layer's menu: its bytes, its weighted normalised error, the choice."""
+
+    bytes: float
+    error: float
+    choice: Choice
 
 
 def _options(layer: LayerBudget, round_to: int) -> list[Option]:
@@ -51,17 +57,17 @@ def _options(layer: LayerBudget, round_to: int) -> list[Option]:
     quantized = scheme is not None and layer.quantized is not None
     options = []
     for r in range(start, top + 1, round_to) if 0 < start <= top else ():
-        options.append((g * r * (m + n) * size, tails[r - 1] * scale, Choice(r)))
+        options.append(Option(g * r * (m + n) * size, tails[r - 1] * scale, Choice(r)))
         if quantized:
             cost = scheme.nbytes(g * r, n) + scheme.nbytes(g * m, r)
             error = (tails[r - 1] + float(layer.quantized.factors[r - 1])) * scale
-            options.append((cost, error, Choice(r, True)))
+            options.append(Option(cost, error, Choice(r, True)))
     if not options or layer.max_rank is None:  # dense, unless a rank bound asks for factors
-        options.append((g * m * n * size, 0.0, Choice(None)))
+        options.append(Option(g * m * n * size, 0.0, Choice(None)))
         if quantized and layer.quantized.dense is not None:
             error = layer.quantized.dense * scale
-            options.append((scheme.nbytes(g * m, n), error, Choice(None, True)))
-    return sorted(options, key=lambda o: (o[0], o[1]))
+            options.append(Option(scheme.nbytes(g * m, n), error, Choice(None, True)))
+    return sorted(options, key=lambda o: (o.bytes, o.error))
 
 
 def _hull(options: list[Option]) -> list[Option]:
@@ -69,11 +75,11 @@ def _hull(options: list[Option]) -> list[Option]:
     one before (points on a chord are kept, so equal steps are bought one at a time)."""
     hull: list[Option] = []
     for point in options:
-        if hull and point[1] >= hull[-1][1]:
+        if hull and point.error >= hull[-1].error:
             continue  # costs more and removes nothing
         while len(hull) >= 2:
-            (c0, e0, _), (c1, e1, _) = hull[-2], hull[-1]
-            if (e1 - e0) * (point[0] - c0) <= (point[1] - e0) * (c1 - c0):
+            (c0, e0), (c1, e1) = (hull[-2].bytes, hull[-2].error), (hull[-1].bytes, hull[-1].error)
+            if (e1 - e0) * (point.bytes - c0) <= (point.error - e0) * (c1 - c0):
                 break  # hull[-1] is on or below the chord: it stays
             hull.pop()
         hull.append(point)
@@ -100,7 +106,7 @@ def allocate_bytes(layers: list[LayerBudget], ratio: float, round_to: int = 1) -
     options = [_options(layer, round_to) for layer in layers]
     hulls = [_hull(o) for o in options]
     at = [hull[0] for hull in hulls]
-    spent = sum(o[0] for o in at)
+    spent = sum(o.bytes for o in at)
     if spent > allowed:
         raise ValueError(
             f"allocate_bytes: ratio={ratio} is below what the cheapest choices already keep\n"
@@ -112,7 +118,7 @@ def allocate_bytes(layers: list[LayerBudget], ratio: float, round_to: int = 1) -
     def push(index: int) -> None:
         hull, j = hulls[index], step[index]
         if j + 1 < len(hull):
-            cost, gain = hull[j + 1][0] - hull[j][0], hull[j][1] - hull[j + 1][1]
+            cost, gain = hull[j + 1].bytes - hull[j].bytes, hull[j].error - hull[j + 1].error
             heapq.heappush(heap, (-gain / cost, layers[index].name, index, cost))
 
     for index in range(len(layers)):
@@ -128,10 +134,10 @@ def allocate_bytes(layers: list[LayerBudget], ratio: float, round_to: int = 1) -
     while True:  # the remainder: the single upgrade that removes the most error and fits
         best = max(
             (
-                (at[i][1] - o[1], -o[0], i, o)
+                (at[i].error - o.error, -o.bytes, i, o)
                 for i in range(len(layers))
                 for o in options[i]
-                if o[1] < at[i][1] and spent + o[0] - at[i][0] <= allowed
+                if o.error < at[i].error and spent + o.bytes - at[i].bytes <= allowed
             ),
             default=None,
             key=lambda t: t[:2],
@@ -139,9 +145,9 @@ def allocate_bytes(layers: list[LayerBudget], ratio: float, round_to: int = 1) -
         if best is None:
             break
         _, _, index, option = best
-        spent += option[0] - at[index][0]
+        spent += option.bytes - at[index].bytes
         at[index] = option
-    return {layer.name: o[2] for layer, o in zip(layers, at)}
+    return {layer.name: o.choice for layer, o in zip(layers, at)}
 
 
 def bytes_total(choices: dict[str, Choice], layers: list[LayerBudget]) -> float:

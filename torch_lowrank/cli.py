@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hub import INFO_FILE, from_pretrained, require, save_pretrained
-from .model import progress_bar
 from .options import METHODS
 from .pipeline import compress
+from .quantize import SCHEMES, available_schemes, quantization_of, quantize_factors_
+from .settings import BUDGETS, BYTE_SCHEMES
+from .text import Perplexity, calibration_batches, perplexity
 
 __all__ = ["Perplexity", "build_parser", "calibration_batches", "main", "perplexity"]
 
@@ -36,16 +35,10 @@ examples:
   python -m torch_lowrank compress ./my-llm --data calib.txt --ratio 0.4 --out ./my-llm-0.4
   python -m torch_lowrank compress ./my-llm --data calib.txt --ratio 0.3 --method linear \\
       --allocation global --allocate-by kl --out ./my-llm-0.3
+  python -m torch_lowrank compress ./my-llm --data calib.txt --ratio 0.4 --weighting fisher \\
+      --quantize int8 --out ./my-llm-0.4-int8
   python -m torch_lowrank eval ./my-llm-0.4 --data test.txt
 """
-
-
-@dataclass(frozen=True)
-class Perplexity:
-    """The perplexity of a model on a token sequence, and how many tokens were scored."""
-
-    value: float
-    tokens: int
 
 
 def _text(path: str) -> str:
@@ -60,77 +53,6 @@ def _tokens(tokenizer: Any, text: str, path: str) -> Tensor:
     if ids.numel() < 2:
         raise ValueError(f"--data {path}: the text holds {ids.numel()} tokens; at least 2 needed")
     return ids
-
-
-def calibration_batches(
-    ids: Tensor, seq_len: int, samples: int, batch_size: int, seed: int = 0
-) -> list[dict[str, Tensor]]:
-    """``samples`` windows of ``seq_len`` tokens, chosen at random (seeded) among the
-    non-overlapping windows of ``ids``, in batches of ``batch_size`` (all windows when there
-    are fewer).
-
-    Raises:
-        ValueError: a size below 1, or fewer than ``seq_len`` tokens.
-
-    Example:
-        >>> batches = calibration_batches(torch.arange(100), seq_len=10, samples=5, batch_size=2)
-        >>> [tuple(b["input_ids"].shape) for b in batches]
-        [(2, 10), (2, 10), (1, 10)]
-    """
-    for name, value in (("seq_len", seq_len), ("samples", samples), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1\nbut got {value}")
-    count = ids.numel() // seq_len
-    if count == 0:
-        raise ValueError(
-            f"--seq-len {seq_len}: the calibration text holds only {ids.numel()} tokens"
-        )
-    windows = ids[: count * seq_len].reshape(count, seq_len)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:samples]
-    chosen = windows[order.sort().values]
-    return [{"input_ids": chunk} for chunk in chosen.split(batch_size)]
-
-
-@torch.no_grad()
-def perplexity(
-    model: nn.Module, ids: Tensor, max_length: int, stride: int, progress: bool = False
-) -> Perplexity:
-    """Perplexity of a causal language model on the token sequence ``ids`` by the sliding-window
-    protocol of the Hugging Face perplexity guide: windows of at most ``max_length`` tokens
-    start every ``stride`` tokens; the tokens a window shares with the previous one are context
-    only (their labels are ``-100``), so with ``stride < max_length`` every token after the
-    first is scored exactly once (with ``stride == max_length`` the windows are independent and
-    the first token of each is not scored).
-
-    Example:
-        >>> class Uniform(nn.Module):
-        ...     def forward(self, input_ids):
-        ...         return torch.zeros(*input_ids.shape, 10)
-        >>> result = perplexity(Uniform(), torch.arange(50) % 10, max_length=16, stride=8)
-        >>> round(result.value, 4), result.tokens
-        (10.0, 49)
-    """
-    if not 1 <= stride <= max_length:
-        raise ValueError(f"--stride must be in [1, max_length={max_length}]\nbut got {stride}")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    total, scored, previous_end = 0.0, 0, 0
-    starts = range(0, ids.numel(), stride)
-    for begin in progress_bar(starts, "perplexity", progress):
-        end = min(begin + max_length, ids.numel())
-        window = ids[begin:end].unsqueeze(0).to(device)  # (1, T)
-        labels = window.clone()
-        labels[:, : -(end - previous_end)] = -100  # context already scored by the last window
-        output = model(window)
-        logits = output if isinstance(output, Tensor) else output.logits  # (1, T, vocab)
-        targets = labels[:, 1:]
-        total += F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum"
-        ).item()
-        scored += int((targets != -100).sum())
-        previous_end = end
-        if end == ids.numel():
-            break
-    return Perplexity(math.exp(total / scored), scored)
 
 
 def _load(directory: Path, device: str) -> nn.Module:
@@ -165,6 +87,16 @@ def _run_compress(args: argparse.Namespace) -> int:
     source, out = Path(args.model_dir), Path(args.out)
     if (source / INFO_FILE).is_file():
         raise ValueError(f"MODEL_DIR {source} is already compressed; give the dense model")
+    if args.quantize is not None and args.budget == "bytes":
+        raise ValueError(
+            "--quantize with --budget bytes: the byte budget already quantizes the layers it "
+            f"chooses (in --scheme)\nbut got --quantize {args.quantize}; use one or the other"
+        )
+    if args.scheme is not None and args.budget != "bytes":
+        raise ValueError(
+            f"--scheme {args.scheme} is the 8-bit scheme of --budget bytes\n"
+            f"but got --budget {args.budget}"
+        )
     text = _text(args.data)
     tokenizer = _tokenizer(source)
     ids = _tokens(tokenizer, text, args.data)
@@ -172,6 +104,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     windows = sum(len(batch["input_ids"]) for batch in data)
     sys.stderr.write(f"calibration: {windows} windows of {args.seq_len} tokens\n")
     model = _load(source, args.device)
+    if args.quantize is not None:
+        _check_quantize(args.quantize, model)
     spec = {
         k: getattr(args, k) for k in ("ratio", "rank", "energy") if getattr(args, k) is not None
     }
@@ -192,12 +126,20 @@ def _run_compress(args: argparse.Namespace) -> int:
         allocation=args.allocation,
         allocate_by=args.allocate_by,
         budget=args.budget,
+        scheme=args.scheme,
+        weighting=args.weighting,
         round_to=args.round_to,
         min_rank=args.min_rank,
         max_rank=args.max_rank,
         **(spec or {"ratio": 0.4}),
     )
     sys.stdout.write(f"{report}\n")
+    if args.quantize is not None:
+        quantize_factors_(model, args.quantize)
+    quantized = quantization_of(model)
+    if quantized:
+        schemes = ", ".join(sorted(set(quantized.values())))
+        sys.stdout.write(f"{len(quantized)} layers store their weights in {schemes}\n")
     save_pretrained(model, out, report=report)
     tokenizer.save_pretrained(out)
     (out / "report.json").write_text(report.to_json(indent=2) + "\n")
@@ -206,6 +148,18 @@ def _run_compress(args: argparse.Namespace) -> int:
         f"layers; saved to {out}\n"
     )
     return 0
+
+
+def _check_quantize(scheme: str, model: nn.Module) -> None:
+    """Refuse ``--quantize scheme`` before compressing when torchao cannot run it where the
+    model is (an ``ImportError`` with the install command when torchao is missing)."""
+    weight = next(model.parameters())
+    runs = available_schemes(weight.device, weight.dtype)
+    if scheme not in runs:
+        raise ValueError(
+            f"--quantize {scheme}: torchao does not run it on {weight.device} for {weight.dtype} "
+            f"weights\nschemes that run there: {', '.join(runs) or 'none'}"
+        )
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -274,6 +228,11 @@ def _compress_arguments(c: argparse.ArgumentParser) -> None:
         help="give bias-free layers a bias (default: no, the architecture decides)",
     )  # fmt: skip
     how.add_argument(
+        "--weighting", choices=("fisher",),
+        help="weigh each layer's output errors by their effect on the loss (one backward pass "
+        "per batch; needs corrective recovery and a method other than svd)",
+    )  # fmt: skip
+    how.add_argument(
         "--reservoir", type=int, default=4096, metavar="N",
         help="input rows kept per layer for the activation-aware methods (default: %(default)s)",
     )  # fmt: skip
@@ -287,8 +246,13 @@ def _compress_arguments(c: argparse.ArgumentParser) -> None:
         help="what global allocation weighs each layer's error by (default: %(default)s)",
     )  # fmt: skip
     alloc.add_argument(
-        "--budget", choices=("params", "flops"), default="params",
-        help="what global allocation counts (default: %(default)s)",
+        "--budget", choices=BUDGETS, default="params",
+        help="what global allocation counts; bytes: weights at their precision, so it also "
+        "chooses which layers to store in 8 bits (needs torchao; default: %(default)s)",
+    )  # fmt: skip
+    alloc.add_argument(
+        "--scheme", choices=BYTE_SCHEMES,
+        help="the 8-bit scheme --budget bytes may choose (default: int8)",
     )  # fmt: skip
     alloc.add_argument("--round-to", type=int, default=1, metavar="N", help="ranks multiple of N")
     alloc.add_argument("--min-rank", type=int, default=1, metavar="N", help="default: 1")
@@ -300,6 +264,12 @@ def _compress_arguments(c: argparse.ArgumentParser) -> None:
     alloc.add_argument(
         "--exclude", action="append", metavar="PATTERN",
         help="leave matching layers dense (repeatable; default: lm_head)",
+    )  # fmt: skip
+    quant = c.add_argument_group("quantization (needs torchao)")
+    quant.add_argument(
+        "--quantize", choices=tuple(SCHEMES), metavar="SCHEME",
+        help="after compression, store the factor layers' weights in SCHEME: "
+        f"{', '.join(SCHEMES)} (those torchao runs on --device)",
     )  # fmt: skip
     data = c.add_argument_group("calibration")
     data.add_argument(

@@ -4,8 +4,11 @@
 
     config.json                 the model's Hugging Face config (transformers models only)
     torch_lowrank.json          the library version, every low-rank layer's name, type and rank,
-                                which weights are tied to which, and the report when given
-    torch_lowrank.safetensors   the state dict, each tied tensor once
+                                which weights are tied to which, the quantization scheme of
+                                every quantized layer, and the report when given
+    torch_lowrank.safetensors   the state dict, each tied tensor once; a weight quantized by
+                                :func:`~torch_lowrank.quantize_factors_` as its plain tensors
+                                plus metadata (:mod:`torch_lowrank.quantized_state`)
 
 The weights file is not named ``model.safetensors`` on purpose: transformers' own
 ``from_pretrained`` would load a compressed directory as a dense model with missing weights, so it
@@ -16,8 +19,9 @@ a plain PyTorch model) with every *parameter* on the ``meta`` device, so nothing
 allocated; buffers are built for real, so that the non-persistent ones a model computes in its
 constructor (rotary ``inv_freq``, position ids) are computed by the model's own code. Then the
 listed layers become low-rank modules of their ranks, the weights are loaded strictly by
-assignment (:func:`~torch_lowrank.load_state_dict`) and parameters shared in the built
-architecture (GPT-2's ``lm_head`` and ``wte``) are shared again.
+assignment (:func:`~torch_lowrank.load_state_dict`; quantized weights come back as the torchao
+tensors they were saved as) and parameters shared in the built architecture (GPT-2's ``lm_head``
+and ``wte``) are shared again where they were shared in the saved model.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from .model import low_rank_modules
+from .quantize import is_quantized, quantization_of
+from .quantized_state import flatten_state_dict, unflatten_state_dict
 from .report import Report
 from .serialize import load_state_dict
 
@@ -78,29 +84,42 @@ def _directory(directory: Any, where: str) -> Path:
 
 @dataclass
 class _Weights:
-    """A state dict as saved: each tensor once, and the names that share another's tensor."""
+    """A state dict as saved: each tensor once, the names that share another's tensor, and the
+    safetensors metadata (how quantized tensors were flattened into plain ones)."""
 
     tensors: dict[str, Tensor] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)  # name -> the name saved for it
+    metadata: dict[str, str] = field(default_factory=lambda: {"format": "pt"})
 
 
-def _weights(state: dict[str, Tensor]) -> _Weights:
-    """``state`` with tied tensors saved once, every tensor contiguous and owning its storage
+def _weights(state: dict[str, Tensor], quantized: bool) -> _Weights:
+    """``state`` with tied tensors saved once, quantized tensors flattened into plain ones
+    (when ``quantized``), every tensor on the CPU, contiguous and owning its storage
     (safetensors stores neither views nor shared memory)."""
     out = _Weights()
     seen: dict[tuple, str] = {}
-    storages: set[int] = set()
+    unique: dict[str, Tensor] = {}
     for name, tensor in state.items():
-        storage = tensor.untyped_storage().data_ptr()
-        view = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        if is_quantized(tensor):  # a torchao tensor has no storage of its own: tied by identity
+            view: tuple = (id(tensor),)
+        else:
+            storage = tensor.untyped_storage().data_ptr()
+            view = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
         if view in seen:
             out.tied[name] = seen[view]
-            continue
-        seen[view] = name
+        else:
+            seen[view] = name
+            unique[name] = tensor.detach()
+    if quantized:
+        unique, metadata = flatten_state_dict(unique)
+        out.metadata.update(metadata)
+    storages: set[int] = set()
+    for name, tensor in unique.items():
+        storage = tensor.untyped_storage().data_ptr()
         if storage in storages or not tensor.is_contiguous():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         storages.add(storage)
-        out.tensors[name] = tensor.detach().to("cpu")
+        out.tensors[name] = tensor.to("cpu")
     return out
 
 
@@ -126,8 +145,10 @@ def save_pretrained(model: nn.Module, directory: PathLike, *, report: Report | N
 
     Writes the model's Hugging Face config (when it has one; ``architectures`` set to the
     model's class), ``torch_lowrank.json`` (the library version, every low-rank layer's name,
-    type and rank, the tied weights and ``report``) and the weights as safetensors. Nothing is
-    written when the model cannot be saved.
+    type and rank, the tied weights, the scheme of every layer quantized by
+    :func:`~torch_lowrank.quantize_factors_` and ``report``) and the weights as safetensors
+    (quantized weights as their plain tensors plus metadata; saving them needs torchao). Nothing
+    is written when the model cannot be saved.
 
     Args:
         model: a model whose low-rank modules are recovered (dense models work too).
@@ -161,7 +182,9 @@ def save_pretrained(model: nn.Module, directory: PathLike, *, report: Report | N
     from . import __version__
 
     layers = _layers(model, "save_pretrained")
-    weights = _weights(model.state_dict())
+    quantization = quantization_of(model)
+    state = model.state_dict()
+    weights = _weights(state, quantized=any(is_quantized(t) for t in state.values()))
     config = getattr(model, "config", None)
     if not callable(getattr(config, "save_pretrained", None)):
         config = None
@@ -174,13 +197,14 @@ def save_pretrained(model: nn.Module, directory: PathLike, *, report: Report | N
         "torch_lowrank": __version__,
         "layers": layers,
         "tied": weights.tied,
+        "quantization": quantization,
         "report": None if report is None else report.to_dict(),
     }
     text = json.dumps(info, indent=2)
     path.mkdir(parents=True, exist_ok=True)
     if config is not None:
         config.save_pretrained(path)
-    safetensors.save_file(weights.tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
+    safetensors.save_file(weights.tensors, path / WEIGHTS_FILE, metadata=weights.metadata)
     (path / INFO_FILE).write_text(text + "\n")
 
 
@@ -223,13 +247,37 @@ def _build_hugging_face(path: Path) -> nn.Module:
         return kind.from_config(config) if kind is transformers.AutoModel else kind(config)
 
 
-def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+@dataclass(frozen=True)
+class _Holder:
+    """One place a parameter is held: ``getattr(module, attribute)``, saved as ``name``."""
+
+    module: nn.Module
+    attribute: str
+    name: str
+
+
+def _tie_groups(model: nn.Module) -> list[list[_Holder]]:
     """Every parameter held by several modules (or names): its holders."""
-    holders: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            holders.setdefault(id(param), []).append((module, name))
+    holders: dict[int, list[_Holder]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attribute, param in module.named_parameters(recurse=False):
+            name = f"{prefix}.{attribute}" if prefix else attribute
+            holders.setdefault(id(param), []).append(_Holder(module, attribute, name))
     return [group for group in holders.values() if len(group) > 1]
+
+
+def _load_weights(path: Path, info: dict) -> dict[str, Tensor]:
+    """The saved state dict: quantized tensors rebuilt (needs torchao only when there are
+    some), each tied name holding the very tensor of the name it is tied to."""
+    file = path / WEIGHTS_FILE
+    with require("safetensors", "from_pretrained").safe_open(file, "pt") as handle:
+        metadata = handle.metadata() or {}
+    state = unflatten_state_dict(
+        require("safetensors.torch", "from_pretrained").load_file(file), metadata
+    )
+    for name, saved in info.get("tied", {}).items():
+        state[name] = state[saved]
+    return state
 
 
 def from_pretrained(directory: PathLike, build: Callable[[], nn.Module] | None = None) -> nn.Module:
@@ -238,8 +286,9 @@ def from_pretrained(directory: PathLike, build: Callable[[], nn.Module] | None =
     The architecture comes from ``config.json`` (the class named in its ``architectures``, built
     from the config alone) or from ``build``, with its parameters on the ``meta`` device; the
     layers listed in ``torch_lowrank.json`` become recovered low-rank modules of their ranks;
-    then the weights are loaded strictly, without allocating any dense weight, and tied
-    parameters are shared again. Non-persistent buffers are computed by the model's own
+    then the weights are loaded strictly, without allocating any dense weight (quantized ones
+    as the torchao tensors they were saved as; torchao is needed then), and parameters tied in
+    the saved model are shared again. Non-persistent buffers are computed by the model's own
     constructor. The outputs are those of the saved model.
 
     Args:
@@ -255,7 +304,8 @@ def from_pretrained(directory: PathLike, build: Callable[[], nn.Module] | None =
         FileNotFoundError: ``directory`` holds no ``torch_lowrank.json``.
         ValueError: no builder for a model without config, an unknown format, or the built
             model does not match the saved one (named: a layer, rank or weight).
-        ImportError: safetensors (or, for a Hugging Face model, transformers) is missing.
+        ImportError: safetensors (or, for a Hugging Face model, transformers; for quantized
+            weights, torchao) is missing.
         RuntimeError: from :meth:`torch.nn.Module.load_state_dict` (missing or unexpected keys).
 
     Example:
@@ -284,7 +334,7 @@ def from_pretrained(directory: PathLike, build: Callable[[], nn.Module] | None =
             f"from_pretrained: {path / INFO_FILE} has format {info.get('format')!r}; this "
             f"version of torch_lowrank reads format {FORMAT}"
         )
-    safetensors = require("safetensors.torch", "from_pretrained")
+    require("safetensors.torch", "from_pretrained")
     if build is not None:
         with parameters_on_meta():
             model = build()
@@ -299,14 +349,13 @@ def from_pretrained(directory: PathLike, build: Callable[[], nn.Module] | None =
             f"from_pretrained: {path} holds no {CONFIG_FILE} (the model had no Hugging Face "
             "config);\npass build=, a function that returns the dense model"
         )
-    state = safetensors.load_file(path / WEIGHTS_FILE)
-    for name, saved in info.get("tied", {}).items():
-        state[name] = state[saved]
+    state = _load_weights(path, info)
     groups = _tie_groups(model)
     model = load_state_dict(model, state, strict=True, assign=True)
-    for (first, first_name), *others in groups:
-        for module, name in others:
-            setattr(module, name, getattr(first, first_name))
+    for first, *others in groups:
+        for holder in others:  # tied again where the saved model had them tied
+            if state.get(holder.name) is state.get(first.name):
+                setattr(holder.module, holder.attribute, getattr(first.module, first.attribute))
     _check(model, info["layers"], path)
     return model.eval()
 

@@ -8,8 +8,8 @@ method      class          options (default)
 =========== ============== ==================================================================
 ``svd``     SvdOptions     none
 ``linear``  LinearOptions  ``damping`` (1e-2)
-``relu``    ReluOptions    ``damping``, ``max_iter`` (200), ``tol`` (1e-6), ``optimizer``, ``lr``
-``nuclear`` NuclearOptions ``damping``, ``max_iter``, ``tol``, ``lam`` (None: fit the rank)
+``relu``    ReluOptions    ``damping``, ``max_iter`` (30), ``tol`` (1e-6), ``optimizer``, ``lr``
+``nuclear`` NuclearOptions ``damping``, ``max_iter`` (200), ``tol``, ``lam`` (None: fit rank)
 =========== ============== ==================================================================
 
 ``damping`` (float >= 0) is the corrective ridge weight (:func:`torch_lowrank.solvers.corrective`);
@@ -165,7 +165,7 @@ class ReluOptions(LinearOptions):
     """
 
     method: ClassVar[str] = "relu"
-    max_iter: int = 200
+    max_iter: int = 30
     tol: float = 1e-6
     optimizer: str | Callable[..., torch.optim.Optimizer] | None = None
     lr: float | None = None

@@ -309,7 +309,7 @@ def activation_aware(
     activation: ActivationSpec,
     *,
     target_rows: Tensor | None = None,
-    max_iter: int = 200,
+    max_iter: int = 30,
     tol: float = 1e-6,
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     lr: float | None = None,
