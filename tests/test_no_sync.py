@@ -14,6 +14,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import torch_lowrank as tl
+from torch_lowrank.pairing import accumulate_wave, original_width
 from torch_lowrank.reservoir import Reservoir
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -109,3 +110,23 @@ def test_reservoir_update_and_offer_make_no_sync_call():
         reservoir.merge_(other)
     assert dict(counter.calls) == {}
     assert reservoir.rows.shape == (16, 3)
+
+
+@pytest.mark.parametrize("positions", [None, 7])
+def test_corrective_pairing_makes_no_sync_call(positions):
+    """A corrective wave's pairing (every layer of ``cnn``: patches at sampled or at all
+    positions, pairs with ``x`` or with ``W x``, reservoirs of ``[x~, x]`` rows) syncs on no
+    batch, the first included."""
+    torch.manual_seed(0)
+    model = tl.convert(cnn(), ratio=0.5, samples=100)
+    layers = [m for m in model.modules() if isinstance(m, (tl.LowRankLinear, tl.LowRankConv2d))]
+    layers[0].stats_space = "input"  # narrowing layers pair with W x, this one with x
+    model(torch.randn(20, 3, 12, 12))  # the first forward observes the activations
+    assert {original_width(m) == m.matrix_shape[0] for m in layers} == {True, False}
+    batches = [torch.randn(20, 3, 12, 12) for _ in range(8)]
+    runs = [lambda compressed, x=x: model(x) for x in batches]
+    with SyncCounter() as counter:
+        for layer in layers:
+            paired = accumulate_wave([layer], runs, with_samples=True, positions=positions)
+    assert dict(counter.calls) == {}
+    assert paired[layers[-1]][0][0].count == 8 * 20

@@ -34,6 +34,8 @@ __all__ = [
     "FoldedBatchNorm",
     "batchnorm_affine",
     "fold_affine",
+    "folded_scale",
+    "layer_weights",
     "leaky",
     "max_slope",
     "module_activation",
@@ -187,6 +189,43 @@ def fold_affine(
     offset = offset.to(weight.device, torch.float64)
     b = torch.zeros_like(scale) if bias is None else bias.detach().double()
     return weight.detach().double() * scale[:, None], b * scale + offset
+
+
+def layer_weights(module: nn.Module, fold: bool = False) -> list[tuple[Tensor, Tensor | None]]:
+    """A calibrating low-rank module's ``(W, b)`` per group; with ``fold``, the eval BatchNorm
+    recorded after it folded in (float64).
+
+    Example:
+        >>> import torch_lowrank as tl
+        >>> layer = tl.LowRankLinear.from_linear(nn.Linear(4, 3), rank=1)
+        >>> [tuple(w.shape) for w, b in layer_weights(layer)]
+        [(3, 4)]
+    """
+    matrices = module.matrices()
+    if not (fold and module.folded_batchnorm):
+        return matrices
+    scale, offset = batchnorm_affine(module.folded_batchnorm[0])
+    m = module.matrix_shape[0]
+    return [
+        fold_affine(w, b, scale[j * m : (j + 1) * m], offset[j * m : (j + 1) * m])
+        for j, (w, b) in enumerate(matrices)
+    ]
+
+
+def folded_scale(module: nn.Module, group: int = 0) -> Tensor:
+    """The scale ``s`` of the BatchNorm folded into a low-rank module, on one group's outputs
+    (float64): the folded weight's products are ``s * (W x)``.
+
+    Example:
+        >>> import torch_lowrank as tl
+        >>> model = tl.convert(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3).eval()), rank=1)
+        >>> model[0].folded_batchnorm = (model[1],)
+        >>> folded_scale(model[0]).shape
+        torch.Size([3])
+    """
+    m = module.matrix_shape[0]
+    scale, _ = batchnorm_affine(module.folded_batchnorm[0])
+    return scale[group * m : (group + 1) * m].to(torch.float64)
 
 
 class FoldedBatchNorm(nn.Module):

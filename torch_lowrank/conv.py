@@ -181,6 +181,37 @@ class _LowRankConv(LowRankModule):
         self.check_input(x)
         return patch_rows(*self._padded(x), self.chunk_elements)
 
+    def paired_rows(
+        self, x: Tensor, x_tilde: Tensor, positions: int | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The patch rows of two inputs of one shape (what the original and the compressed
+        network feed the layer) at the same output positions, in chunks: every position, or
+        with ``positions`` a uniform sample of that many per image (an image with no more
+        keeps all of its own), chosen on the device: the ``topk`` of random keys, no sync.
+
+        Example:
+            >>> layer = LowRankConv2d.from_conv2d(nn.Conv2d(2, 4, 3), rank=1)
+            >>> x = torch.randn(5, 2, 10, 10)  # 64 positions per image
+            >>> [tuple(a.shape) for a, _ in layer.paired_rows(x, x, positions=16)]
+            [(80, 18)]
+            >>> [tuple(a.shape) for a, _ in layer.paired_rows(x, x)]
+            [(320, 18)]
+        """
+        self.check_input(x)
+        self.check_input(x_tilde)
+        (x, kernel, stride, dilation), x_t = self._padded(x), self._padded(x_tilde)[0]
+        per_image = math.prod(out_size(x, kernel, stride, dilation))
+        if positions is None or per_image <= positions:
+            budget = self.chunk_elements
+            yield from zip(*(patch_rows(p, kernel, stride, dilation, budget) for p in (x, x_t)))
+            return
+        keys = torch.rand(x.shape[0], per_image, device=x.device)
+        chosen = keys.topk(positions, dim=1, sorted=False).indices.sort(dim=1).values
+        index = (chosen + per_image * torch.arange(x.shape[0], device=x.device)[:, None]).flatten()
+        step = max(1, self.chunk_elements // (x.shape[1] * math.prod(kernel)))  # rows a chunk
+        for part in index.split(step):
+            yield tuple(patches_at(p, part, kernel, stride, dilation) for p in (x, x_t))
+
     def offer_samples(self, x: Tensor, reservoirs: list) -> None:
         """Offer every output position to the reservoirs, and build the patches of only the
         positions that can enter (at most ``samples`` per batch): no ``unfold`` of the map."""

@@ -21,7 +21,6 @@ This is not GPTQ-style "sequential" calibration, which feeds ``x~`` but targets 
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,36 +31,15 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .blocks import BlockCache, Chain, find_chains
-from .cross import CrossStats
-from .linear import LowRankLinear
+from .graphs import GraphCache
 from .memory import plan_bytes, shed_factors, solve_working_bytes, tensor_bytes
 from .model import FactorStandIn, module_names, stood_in, world_size
-from .observer import group_parts
 from .options import Options
+from .pairing import accumulate_wave, device_of, reduced
 from .problem import Plan, plan_layer
 from .refine import BlockRefinement, RefineOptions, refine_cached_block
-from .reservoir import Reservoir
 
 __all__ = ["schedule", "corrective_plans"]
-
-
-class _WaveCaptured(Exception):
-    """Raised by a capture hook to end a pass once every module of the wave has its input."""
-
-
-def _capture(
-    modules: Iterable[nn.Module], store: dict[nn.Module, list[Tensor]], stop: bool = False
-) -> list:
-    """Forward pre-hooks that append each module's input to ``store[module]``; with ``stop``
-    (every module runs once per pass), the pass ends as soon as all of them have one."""
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        store[module].append(args[0].detach())
-        if stop and all(store.values()):
-            raise _WaveCaptured
-
-    # The library's own hooks: nn.Module's registration, not the one that records user hooks.
-    return [nn.Module.register_forward_pre_hook(module, hook) for module in modules]
 
 
 @torch.no_grad()
@@ -111,103 +89,6 @@ def schedule(
     return waves + ([never] if never else [])
 
 
-@torch.no_grad()
-def _accumulate_wave(
-    wave: list[nn.Module],
-    runs: Iterable[Callable[[bool], Any]],
-    with_samples: bool,
-    clock: dict[str, float] | None = None,
-    stop: bool = False,
-) -> dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]]:
-    """Pair the wave's inputs in the original and the compressed network, batch by batch.
-
-    Each of ``runs`` runs one batch (through the whole model or through the wave's block) as
-    the original network (``run(False)``) or as the compressed one (``run(True)``). With
-    ``stop`` (each module of the wave runs once per pass) a pass ends once the wave has its
-    inputs. ``clock["passes"]`` and ``clock["statistics"]`` receive the seconds spent."""
-    paired: dict[nn.Module, list[tuple[CrossStats, Reservoir | None]]] = {}
-    leaders: dict[nn.Module, nn.Module] = {}  # a Linear fed the same tensors shares their moments
-    clock = {"passes": 0.0, "statistics": 0.0} if clock is None else clock
-    for run in runs:
-        inputs: dict[bool, dict[nn.Module, list[Tensor]]] = {}
-        started = time.perf_counter()
-        for compressed in (False, True):
-            store: dict[nn.Module, list[Tensor]] = {m: [] for m in wave}
-            handles = _capture(wave, store, stop)
-            try:
-                with contextlib.suppress(_WaveCaptured):
-                    run(compressed)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            inputs[compressed] = store
-        passed = time.perf_counter()
-        clock["passes"] += passed - started
-        for module, leader in list(leaders.items()):  # inputs that part: the state so far, copied
-            if not _same_inputs(leader, module, inputs):
-                del leaders[module]
-                paired[module] = [(copy.deepcopy(c), r) for c, r in paired[module]]
-        for module in wave:
-            n, groups, samples = module.matrix_shape[1], module.groups, module.observer.samples
-            keep = with_samples and samples > 0  # samples=0: the solve names the layer
-            if module not in paired:
-                leader = next((o for o in paired if _same_inputs(o, module, inputs)), None)
-                if leader is not None:
-                    leaders[module] = leader
-                paired[module] = [
-                    (
-                        paired[leader][j][0]
-                        if leader is not None
-                        else CrossStats(n, module.offload),
-                        Reservoir(samples, module.offload) if keep else None,
-                    )
-                    for j in range(groups)
-                ]
-            shared = module in leaders  # its moments are its leader's: only its reservoir to fill
-            for x, x_tilde in zip(inputs[False][module], inputs[True][module]):
-                if shared and not keep:
-                    break
-                for rows, rows_tilde in zip(module.input_rows(x), module.input_rows(x_tilde)):
-                    parts = zip(group_parts(rows, n, groups), group_parts(rows_tilde, n, groups))
-                    for (cross, reservoir), (part, part_tilde) in zip(paired[module], parts):
-                        if not shared:
-                            cross.update(part_tilde, part)
-                        if reservoir is not None:
-                            reservoir.update(torch.cat([part_tilde, part], 1))
-        clock["statistics"] += time.perf_counter() - passed
-    return paired
-
-
-def _same_inputs(a: nn.Module, b: nn.Module, inputs: dict[bool, dict]) -> bool:
-    """Whether Linears ``a`` and ``b`` were fed the very same tensors in both networks (q, k
-    and v): their paired moments are then the same, and computed once."""
-    if not (isinstance(a, LowRankLinear) and type(a) is type(b)) or a.offload != b.offload:
-        return False
-    if (a.matrix_shape[1], a.groups) != (b.matrix_shape[1], b.groups):
-        return False
-    return all(
-        len(inputs[c][a]) == len(inputs[c][b])
-        and all(_same_tensor(x, y) for x, y in zip(inputs[c][a], inputs[c][b]))
-        for c in (False, True)
-    )
-
-
-def _same_tensor(x: Tensor, y: Tensor) -> bool:
-    """Whether two captured inputs (``detach``-ed views) are views of the same memory alike."""
-    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device) == (
-        y.data_ptr(),
-        y.shape,
-        y.stride(),
-        y.dtype,
-        y.device,
-    )
-
-
-def device_of(module: nn.Module) -> torch.device:
-    """The device of a calibrating module's dense weight."""
-    return module.matrices()[0][0].device
-
-
 def solve_cost(module: nn.Module, method: str, fold: bool) -> float:
     """A layer's solve cost estimate, for sharing solves between ranks: ``groups m n min(m, n)``
     for a closed form; an activation-aware solve adds ``groups m n`` per reservoir row and
@@ -219,21 +100,6 @@ def solve_cost(module: nn.Module, method: str, fold: bool) -> float:
     return float(cost)
 
 
-def _reduced(
-    module: nn.Module, pairs: list[tuple[CrossStats, Reservoir | None]] | None, with_samples: bool
-) -> list[tuple[CrossStats, Reservoir | None]]:
-    """``pairs`` summed over every rank (collective; ``None``: this rank saw no data)."""
-    n, device = module.matrix_shape[1], device_of(module)
-    out = []
-    for j in range(module.groups):
-        cross, reservoir = pairs[j] if pairs is not None else (None, None)
-        merged = CrossStats.all_reduce(cross, n, device)
-        if with_samples and module.observer.samples:
-            reservoir = Reservoir.all_reduce(reservoir, module.observer.samples, 2 * n, device)
-        out.append((merged, reservoir))
-    return out
-
-
 def held_bytes(module: nn.Module) -> int:
     """Memory held by a calibrating module's first-pass statistics and reservoirs, in bytes."""
     return module.observer.observation().nbytes
@@ -242,7 +108,8 @@ def held_bytes(module: nn.Module) -> int:
 def _whole_model(
     model: nn.Module, batch: Any, forward_fn: Callable, mode: Callable, counts: dict[str, int]
 ) -> Callable[[bool], None]:
-    """A run (see :func:`_accumulate_wave`) of one batch through the whole model."""
+    """A run (see :func:`~torch_lowrank.pairing.accumulate_wave`) of one batch through the
+    whole model."""
 
     def run(compressed: bool) -> None:
         counts["forward"] += 1  # first: a pass may end early once the wave has its inputs
@@ -274,6 +141,7 @@ def corrective_plans(
     cache_blocks: bool = True,
     refine: RefineOptions | None = None,
     weights: dict[nn.Module, dict] | None = None,
+    positions: int | None = None,
 ) -> tuple[dict[nn.Module, Plan], dict]:
     """Solve ``modules`` correctively, wave by wave; returns the plans for
     :func:`~torch_lowrank.recover_` to install, and run information (waves, forward passes,
@@ -283,7 +151,8 @@ def corrective_plans(
     its block on cached inputs; other waves run the whole model. With ``refine``, each block's
     factors are refined once its last wave is solved (:mod:`torch_lowrank.refine`); layers
     outside a chain of blocks, or that are a chain child on their own, are not. ``weights``:
-    per module, the output weighting (:func:`~torch_lowrank.weighting.weigh`). Nothing is
+    per module, the output weighting (:func:`~torch_lowrank.weighting.weigh`). ``positions``:
+    patch positions per image a conv's paired statistics keep (``None``: all). Nothing is
     installed here, and the model is the original again on the way out."""
     if iter(data) is data:
         raise TypeError(
@@ -321,6 +190,9 @@ def corrective_plans(
         counts["forward"] += chain_passes
         store = next((m.offload for m in modules if m.offload is not None), None)
         cache = BlockCache(model, data, forward_fn, mode, store)
+        graph = None  # a GraphModule without chains: waves run from cached node values
+        if cache_blocks and not where and store is None:
+            graph = GraphCache.of(model, data, forward_fn, mode)
         clock["passes"] += time.perf_counter() - start
         blocks = [_block_of(wave, where) for wave in waves]
         # A child that is one layer is what that layer's closed form already fits: not a block.
@@ -336,17 +208,23 @@ def corrective_plans(
                 cache.seek(*block)
                 clock["passes"] += time.perf_counter() - started
                 runs = cache.runs()
+            elif graph is not None and graph.cut(wave) is not None:
+                started = time.perf_counter()
+                graph.seek(graph.cut(wave))
+                clock["passes"] += time.perf_counter() - started
+                runs = graph.runs()
             else:
                 runs = (_whole_model(model, b, forward_fn, mode, counts) for b in data)
             needs_rows = method in ("relu", "nuclear")
             stop = all(m in once for m in wave)
-            paired = _accumulate_wave(wave, runs, needs_rows, clock, stop)
+            paired = accumulate_wave(wave, runs, needs_rows, clock, stop, positions)
             held_now = {id(t): t for pairs in paired.values() for pair in pairs for t in pair}
             wave_bytes = sum(t.nbytes for t in held_now.values() if t is not None)
-            peak = max(peak, held + wave_bytes + cache.nbytes)
-            memory["block_cache_bytes"] = max(memory["block_cache_bytes"], cache.nbytes)
+            cached = cache.nbytes + (0 if graph is None else graph.nbytes)
+            peak = max(peak, held + wave_bytes + cached)
+            memory["block_cache_bytes"] = max(memory["block_cache_bytes"], cached)
             if world_size() > 1:  # every rank saw a shard: sum the pairs of all ranks
-                paired = {m: _reduced(m, paired.get(m), needs_rows) for m in wave}
+                paired = {m: reduced(m, paired.get(m), needs_rows) for m in wave}
             for pairs in paired.values():  # the moments, computed once in the sums' memory
                 for cross, _ in pairs:
                     cross.freeze_()
@@ -379,8 +257,11 @@ def corrective_plans(
     info = {
         "mode": "corrective",
         "waves": len(waves),
-        "forward_passes": counts["forward"] + cache.forward_passes,
-        "block_passes": cache.block_passes,
+        "positions": positions,
+        "forward_passes": counts["forward"]
+        + cache.forward_passes
+        + (0 if graph is None else graph.forward_passes),
+        "block_passes": cache.block_passes + (0 if graph is None else graph.graph_passes),
         "peak_stat_bytes": peak,
         "seconds": time.perf_counter() - start,
         **{f"seconds_{phase}": seconds for phase, seconds in clock.items()},

@@ -5,6 +5,11 @@ the original network's inputs to one layer on the same samples. Each side is a
 :class:`~torch_lowrank.stats.CovarianceStats`; the cross sum ``sum (x~ - s~)(x - s)^T`` is about
 the two sides' shifts, so it re-centres like them (:func:`~torch_lowrank.stats.shifted_product`)
 and ``all_reduce`` sums the pairs of every ``torch.distributed`` rank.
+
+The original side may be narrower than ``x~``: a layer that narrows (``m < n``) pairs ``x~``
+with its products ``y = W x`` (``original_features = m``), which is all a corrective solve reads
+of the original side (``docs/corrective.md``): ``n x m`` and ``m x m`` sums instead of two more
+``n x n`` ones.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ __all__ = ["CrossStats", "PairedMoments"]
 @dataclass
 class PairedMoments:
     """The moments of :class:`CrossStats` once frozen: the count, the means and covariances of
-    ``x~`` and ``x``, and ``cross = E[(x~ - mu~)(x - mu)^T]`` (float64)."""
+    ``x~`` and of the original side ``x`` (or ``W x``), and ``cross = E[(x~ - mu~)(x - mu)^T]``
+    (float64)."""
 
     count: int
     mean_tilde: Tensor
@@ -49,7 +55,8 @@ class CrossStats:
 
     Keeps the count, ``sum x~``, ``sum x``, ``sum x~ x~^T``, ``sum x~ x^T`` and ``sum x x^T``
     (each about a shift, float64, on the rows' device or on ``store``). All are sums, so
-    they merge.
+    they merge. ``original_features`` (default ``features``) is the width of the original
+    side's rows, which may differ from that of ``x~`` (the products ``W x`` of a narrowing layer).
 
     Example:
         >>> stats = CrossStats(3)
@@ -59,17 +66,27 @@ class CrossStats:
         True
     """
 
-    def __init__(self, features: int, store: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        features: int,
+        store: str | torch.device | None = None,
+        original_features: int | None = None,
+    ) -> None:
         self.tilde = CovarianceStats(features, store)
-        self.original = CovarianceStats(features, store)
-        self._sum_cross: Tensor | None = None  # (n, n) float64 sum of (x~ - s~)(x - s)^T
-        self._stage: Tensor | None = None  # (n, n) products in the work dtype, not yet summed
+        self.original = CovarianceStats(original_features or features, store)
+        self._sum_cross: Tensor | None = None  # (n, w) float64 sum of (x~ - s~)(x - s)^T
+        self._stage: Tensor | None = None  # (n, w) products in the work dtype, not yet summed
         self._staged_rows = 0
         self._frozen: PairedMoments | None = None
 
     @property
+    def original_features(self) -> int:
+        """The width ``w`` of the original side's rows (``n``, or ``m`` for ``W x``)."""
+        return self.original.features
+
+    @property
     def sum_cross(self) -> Tensor | None:
-        """``sum (x~ - s~)(x - s)^T``, ``(n, n)`` float64 (``None`` before any pair)."""
+        """``sum (x~ - s~)(x - s)^T``, ``(n, w)`` float64 (``None`` before any pair)."""
         self._promote()
         return self._sum_cross
 
@@ -129,24 +146,30 @@ class CrossStats:
 
     @no_grad
     def update(self, tilde_rows: Tensor, rows: Tensor) -> None:
-        """Add paired batches ``(N, n)``: row ``i`` of both comes from the same sample."""
-        if tilde_rows.shape != rows.shape:
+        """Add paired batches ``(N, n)`` and ``(N, w)``: row ``i`` of both comes from the same
+        sample."""
+        if tilde_rows.shape[:-1] != rows.shape[:-1]:
             raise ValueError(
-                f"expected paired rows of one shape\n"
+                f"expected paired rows with the same leading dimensions\n"
                 f"but got {tuple(tilde_rows.shape)} and {tuple(rows.shape)}"
             )
         if self._frozen is not None:
             raise RuntimeError("these paired statistics are frozen; they take no more rows")
         self.tilde.check_rows(tilde_rows)  # both sides first: a bad batch adds nothing
         self.original.check_rows(rows)
-        pairs = zip(self.tilde.shifted_chunks(tilde_rows), self.original.shifted_chunks(rows))
-        for t, x in pairs:
+        n, w = self.tilde.features, self.original.features
+        tilde_rows, rows = tilde_rows.reshape(-1, n), rows.reshape(-1, w)
+        if rows.shape[0] == 0:
+            return
+        step = max(1, self.tilde.chunk_elements // max(n, w))  # rows per chunk, on both sides
+        for part_tilde, part in zip(tilde_rows.split(step), rows.split(step)):
+            (t,), (x,) = self.tilde.shifted_chunks(part_tilde), self.original.shifted_chunks(part)
             if t.dtype != x.dtype:  # one float64 side: the product in float64
                 t, x = t.double(), x.double()
             stage = self._stage
             if stage is None or stage.device != t.device or stage.dtype != t.dtype:
                 self._promote()
-                stage = self._stage = t.new_zeros(self.tilde.features, self.tilde.features)
+                stage = self._stage = t.new_zeros(self.tilde.features, self.original.features)
             stage.addmm_(t.T, x)  # staged in the work dtype, summed in float64 (see stats.py)
             self._staged_rows += t.shape[0]
             home = self.tilde.shift.device
@@ -180,7 +203,7 @@ class CrossStats:
 
     @property
     def cross(self) -> Tensor:
-        """``E[(x~ - E x~)(x - E x)^T]``, ``(n, n)`` float64."""
+        """``E[(x~ - E x~)(x - E x)^T]``, ``(n, w)`` float64."""
         if self._frozen is not None:
             return self._frozen.cross
         n = self.count
@@ -189,21 +212,24 @@ class CrossStats:
     @classmethod
     @torch.no_grad()
     def all_reduce(
-        cls, stats: CrossStats | None, features: int, device: torch.device
+        cls,
+        stats: CrossStats | None,
+        features: int,
+        device: torch.device,
+        original_features: int | None = None,
     ) -> CrossStats:
         """A new accumulator holding the pairs of every rank of the default process group, both
         sides and the cross sum about the global means (``stats`` is left unchanged; ``None``:
-        this rank saw no pairs).
+        this rank saw no pairs; ``original_features`` as in the constructor).
 
         Collective, like :meth:`CovarianceStats.all_reduce
         <torch_lowrank.stats.CovarianceStats.all_reduce>`.
         """
         held = stats is not None and stats.count > 0
-        out = cls(features)
+        width = original_features or features
+        out = cls(features, original_features=width)
         out.tilde = CovarianceStats.all_reduce(stats.tilde if held else None, features, device)
-        out.original = CovarianceStats.all_reduce(
-            stats.original if held else None, features, device
-        )
+        out.original = CovarianceStats.all_reduce(stats.original if held else None, width, device)
         if out.count == 0:
             return out
         mean_tilde, mean = out.tilde.shift, out.original.shift
@@ -218,7 +244,7 @@ class CrossStats:
                 original.shift - mean,
             )
         else:
-            cross = torch.zeros(features, features, dtype=torch.float64, device=device)
+            cross = torch.zeros(features, width, dtype=torch.float64, device=device)
         dist.all_reduce(cross)
         out.sum_cross = cross
         return out

@@ -174,6 +174,21 @@ class LowRankLinear(LowRankModule):
         self.check_input(x)
         return (x.reshape(-1, self.in_features),)  # (N, in): every token is a sample
 
+    def paired_rows(
+        self, x: Tensor, x_tilde: Tensor, positions: int | None = None
+    ) -> Iterable[tuple[Tensor, Tensor]]:
+        """The rows of two inputs of one shape (what the original and the compressed network
+        feed the layer), pair by pair: every token (``positions`` samples a conv's patch
+        positions; a Linear keeps all of its rows).
+
+        Example:
+            >>> layer = LowRankLinear.from_linear(nn.Linear(4, 2), rank=1)
+            >>> [(tuple(a.shape), tuple(b.shape)) for a, b in layer.paired_rows(
+            ...     torch.randn(3, 5, 4), torch.randn(3, 5, 4), positions=2)]
+            [((15, 4), (15, 4))]
+        """
+        return zip(self.input_rows(x), self.input_rows(x_tilde))
+
     def matrices(self) -> list[tuple[Tensor, Tensor | None]]:
         return [(self.dense.weight, self.dense.bias)]
 

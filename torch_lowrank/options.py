@@ -30,7 +30,8 @@ from typing import Any, Callable, ClassVar, NoReturn
 import torch
 import torch_optimizer
 
-__all__ = ["METHODS", "Options", "make_options", "make_spec", "optimizer_class"]
+__all__ = ["METHODS", "POSITIONS", "Options", "check_positions", "make_options", "make_spec"]
+__all__ += ["optimizer_class"]
 __all__ += ["SvdOptions", "LinearOptions", "ReluOptions", "NuclearOptions"]
 
 #: Recovery methods, in the order they are listed to users. ``relu`` is activation-aware.
@@ -284,3 +285,33 @@ def make_spec(
         return cls(**value)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
+
+
+#: The default ``positions=`` of :func:`~torch_lowrank.recover_` and
+#: :func:`~torch_lowrank.compress`: the patch positions per image that a conv's corrective
+#: statistics keep (``docs/corrective.md`` gives the measured cost in quality).
+POSITIONS = 64
+
+
+def check_positions(positions: Any, where: str = "recover_") -> int | None:
+    """``positions`` as an int ``>= 1``, or ``None`` (every patch position).
+
+    Raises:
+        ValueError: anything else, naming ``where`` and the value.
+
+    Example:
+        >>> check_positions(32), check_positions(None)
+        (32, None)
+        >>> check_positions(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: recover_: positions must be None or an int >= 1 (patch positions per image)
+        but got 0
+    """
+    integer = isinstance(positions, numbers.Integral) and not isinstance(positions, bool)
+    if positions is None or (integer and positions >= 1):
+        return None if positions is None else int(positions)
+    raise ValueError(
+        f"{where}: positions must be None or an int >= 1 (patch positions per image)\n"
+        f"but got {positions!r}"
+    )

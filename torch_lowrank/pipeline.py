@@ -12,7 +12,7 @@ from torch import nn
 
 from .convert import convert, revert
 from .model import calibrate, low_rank_modules
-from .options import Options, make_options, make_spec
+from .options import POSITIONS, Options, check_positions, make_options, make_spec
 from .recover import check_refine, recover_
 from .refine import RefineOptions
 from .report import Report
@@ -58,6 +58,7 @@ def compress(
     cache_blocks: bool = True,
     refine: bool | dict | RefineOptions | None = None,
     weighting: str | dict | FisherWeighting | None = None,
+    positions: int | None = POSITIONS,
     **convert_kwargs: Any,
 ) -> tuple[nn.Module, Report]:
     """Convert, calibrate on ``data`` and recover, in one call (corrective by default).
@@ -80,6 +81,8 @@ def compress(
         refine: refine each block after its corrective solve (see :func:`recover_`).
         weighting: ``"fisher"``: weigh each layer's output errors by their effect on the loss
             (see :func:`recover_`); needs ``corrective``.
+        positions: the patch positions per image a conv's corrective statistics keep (see
+            :func:`recover_`; ``None``: all of them).
         **convert_kwargs: passed to :func:`convert` (``rank`` / ``ratio`` / ``energy``,
             ``include``, ``exclude``, ``add_bias``, ``samples``, ``activation``, ...).
 
@@ -95,6 +98,7 @@ def compress(
         [5, 5]
     """
     opts = make_options(method, options, where="compress")
+    positions = check_positions(positions, "compress")
     refining = make_spec(RefineOptions, refine, what="refine", where="compress")
     if refining is not None:
         check_refine(corrective and method != "svd", cache_blocks, "compress")
@@ -133,7 +137,7 @@ def compress(
         report = recover_(
             model, method=method, data=data if corrective else None, forward_fn=forward_fn,
             progress=progress, cache_blocks=cache_blocks, refine=refining, weighting=weighing,
-            options=opts,
+            options=opts, positions=positions,
         )  # fmt: skip
     except BaseException:
         revert(model)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import projected, solvers
-from .activations import Activation, batchnorm_affine, fold_affine
+from .activations import Activation, folded_scale, layer_weights
 from .cross import CrossStats
 from .nuclear import nuclear, pad_rank
 from .observer import Observation
@@ -36,8 +36,8 @@ from .reservoir import Reservoir
 from .solvers import Factors
 from .weighting import solve_weighted, weigh
 
-__all__ = ["GroupData", "LayerProblem", "Plan", "layer_problem", "layer_row", "layer_weights"]
-__all__ += ["plan_layer", "solve"]
+__all__ = ["GroupData", "LayerProblem", "Plan", "layer_problem", "layer_row", "plan_layer"]
+__all__ += ["solve"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def _solve_group(
     if problem.corrective:
         start = solvers.corrective(
             weight, bias, group.mean_tilde, group.cov_tilde, group.mean, group.cov, group.cross,
-            rank, energy, problem.add_bias, options.damping,
+            rank, energy, problem.add_bias, options.damping, outputs=problem.outputs,
         )  # fmt: skip
     else:
         closed_form = solvers.linear_from_outputs if problem.outputs else solvers.linear
@@ -302,20 +302,6 @@ def layer_row(
     )
 
 
-def layer_weights(module: Any, fold: bool = False) -> list[tuple[Tensor, Tensor | None]]:
-    """Per group ``(W, b)``; with ``fold``, the following eval BatchNorm folded in
-    (float64)."""
-    matrices = module.matrices()
-    if not (fold and module.folded_batchnorm):
-        return matrices
-    scale, offset = batchnorm_affine(module.folded_batchnorm[0])
-    m = module.matrix_shape[0]
-    return [
-        fold_affine(w, b, scale[j * m : (j + 1) * m], offset[j * m : (j + 1) * m])
-        for j, (w, b) in enumerate(matrices)
-    ]
-
-
 def layer_problem(
     module: Any,
     *,
@@ -352,9 +338,12 @@ def layer_problem(
         if paired is not None:
             cross, reservoir = paired[j]
             both = None if reservoir is None else reservoir.rows  # (k, 2n): [x~, x]
+            mean, cov, joint = cross.mean, cross.covariance, cross.cross
+            if cross.original_features != n and fold and module.folded_batchnorm:
+                s = folded_scale(module, j).to(mean.device)  # W x of the folded weight
+                mean, cov, joint = mean * s, cov * s[:, None] * s[None, :], joint * s[None, :]
             data = GroupData(
-                weight, bias, cross.mean, cross.covariance, cross.mean_tilde,
-                cross.covariance_tilde, cross.cross,
+                weight, bias, mean, cov, cross.mean_tilde, cross.covariance_tilde, joint,
                 rows=None if both is None else both[:, :n],
                 target_rows=None if both is None else both[:, n:],
             )  # fmt: skip
@@ -375,7 +364,9 @@ def layer_problem(
         energy=energy,
         add_bias=module.add_bias,
         activation=module.effective_activation(fold),
-        outputs=paired is None and seen_as.space == "output",
+        outputs=seen_as.space == "output"
+        if paired is None
+        else paired[0][0].original_features != n,
         corrective=paired is not None,
         seen=seen,
         folded=bool(fold and module.folded_batchnorm),
@@ -393,8 +384,6 @@ def _moments(module: Any, seen: Observation, group: int, fold: bool) -> tuple[Te
     if bias is not None:
         mean = mean - bias.detach().to(mean.device, torch.float64)
     if fold and module.folded_batchnorm:
-        m = module.matrix_shape[0]
-        scale, _ = batchnorm_affine(module.folded_batchnorm[0])
-        s = scale[group * m : (group + 1) * m].to(mean.device, torch.float64)
+        s = folded_scale(module, group).to(mean.device)
         mean, cov = mean * s, cov * s[:, None] * s[None, :]
     return mean, cov

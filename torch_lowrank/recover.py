@@ -25,7 +25,7 @@ from .allocation import LayerBudget, QuantizedError, allocate, spectrum
 from .base import LowRankModule
 from .bytes_budget import Choice, allocate_bytes, quantization_error
 from .convert import dense_row
-from .corrective import corrective_plans, device_of, solve_cost
+from .corrective import corrective_plans, solve_cost
 from .detect import settle_activations
 from .linear import LowRankLinear
 from .model import (
@@ -38,7 +38,8 @@ from .model import (
     world_size,
 )
 from .observer import Observation
-from .options import Options, make_options, make_spec
+from .options import POSITIONS, Options, check_positions, make_options, make_spec
+from .pairing import device_of
 from .problem import LayerProblem, Plan, layer_row, plan_layer
 from .quantize import SCHEMES, check_runs, quantize_layers_
 from .refine import RefineOptions
@@ -208,6 +209,7 @@ def recover_(
     refine: bool | dict | RefineOptions | None = None,
     weighting: str | dict | FisherWeighting | None = None,
     options: dict | Options | None = None,
+    positions: int | None = POSITIONS,
     **kwargs: Any,
 ) -> Report:
     """Recover every calibrating low-rank module of ``model``, all or nothing.
@@ -241,6 +243,9 @@ def recover_(
             second moment of the loss gradient at its output (``docs/methods.md``; a dict or
             a :class:`~torch_lowrank.sensitivity.FisherWeighting` sets the damping, the
             batches and the loss). Applies to the closed-form solves.
+        positions: with ``data``, the patch positions per image whose pairs enter a conv's
+            corrective statistics: a uniform sample, drawn afresh for every batch (``None``:
+            every position; ``docs/corrective.md`` gives the cost of the default in quality).
         options / **kwargs: the method's options (:mod:`torch_lowrank.options`), checked
             before anything runs: ``damping``; ``max_iter``, ``tol``, ``optimizer``, ``lr``
             (``relu``); ``lam`` (``nuclear``).
@@ -263,6 +268,7 @@ def recover_(
         4
     """
     opts = make_options(method, _merged(options, kwargs), where="recover_")
+    positions = check_positions(positions, "recover_")
     refining = make_spec(RefineOptions, refine, what="refine", where="recover_")
     if refining is not None:
         check_refine(data is not None and method != "svd", cache_blocks, "recover_")
@@ -326,7 +332,7 @@ def recover_(
         if data is not None and method != "svd":
             plans, info = corrective_plans(
                 model, solve_now, data, method, forward_fn or default_forward, fold, opts,
-                ranks, progress, cache_blocks, refining, weights,
+                ranks, progress, cache_blocks, refining, weights, positions,
             )  # fmt: skip
             if weighing is not None:
                 info["weighting"] = {"damping": weighing.damping, "layers": len(weights)}

@@ -332,31 +332,28 @@ def corrective(
     energy: float | None = None,
     add_bias: bool = True,
     damping: float = 1e-2,
+    outputs: bool = False,
 ) -> Factors:
     r"""Corrective recovery: reduced-rank regression from the compressed network's input ``x~``
     to the original layer's output ``W x + b`` (``docs/methods.md``).
 
     Solves :math:`\min_{\mathrm{rank}\,Z \le r,\ c} E\,\|(Z\tilde x + c) - (Wx + b)\|^2`.
-    First the least-squares map from ``x~`` to the target, damped towards the original weight:
-
-        B = argmin_B E||W (x - mu) - B (x~ - mu~)||^2 + delta ||B - W||_F^2
-          = W (Ctx^T + delta I) (Ct + delta I)^{-1},
-
-    with ``Ct`` the covariance of ``x~``, ``Ctx`` the cross-covariance of ``x~`` with ``x`` and
-    ``delta = damping * trace(Ct) / n``, by one Cholesky solve (:mod:`torch_lowrank.eigen`).
-    The damping keeps ``W`` where ``x~`` barely varies (an undamped inverse over-fits there),
-    and ``x~ = x`` gives ``B = W``: exactly the :func:`linear` result. Then ``Z`` is
-    :func:`linear` applied to ``B`` (top-r eigenvectors of ``B Ct B^T``), ``c = b + W mu - Z mu~``.
+    First the least-squares map from ``x~`` to the target, damped towards the original weight,
+    ``B = argmin E||W (x - mu) - B (x~ - mu~)||^2 + delta ||B - W||^2 = W (Ctx^T + delta I)
+    (Ct + delta I)^{-1}``, with ``Ct`` the covariance of ``x~``, ``Ctx`` the cross-covariance of
+    ``x~`` with ``x`` and ``delta = damping * trace(Ct) / n``, by one Cholesky solve.
+    ``x~ = x`` gives ``B = W``, exactly :func:`linear`. Then ``Z`` is :func:`linear` applied
+    to ``B`` (top-r eigenvectors of ``B Ct B^T``), ``c = b + W mu - Z mu~``. ``x`` enters only
+    through ``W x``: ``outputs=True`` takes its moments instead (a narrowing layer's, m wide).
 
     Args:
-        weight, bias: the dense layer. mean_tilde, cov_tilde: moments of ``x~``. mean, cov:
-        moments of ``x``. cross: ``E[(x~ - mu~)(x - mu)^T]`` ``(n, n)``.
-        rank / energy, add_bias: as in :func:`linear`. damping: the ridge weight relative to
-        the mean eigenvalue of ``Ct``.
+        weight, bias: the dense layer. mean_tilde, cov_tilde: moments of ``x~``. mean, cov,
+        cross ``E[(x~ - mu~)(x - mu)^T]``: of ``x``, or with ``outputs`` of ``W x`` (no bias).
+        rank / energy, add_bias: as in :func:`linear`. damping: relative ridge weight.
 
     Returns:
-        :class:`Factors` whose ``error`` is the full corrective error on the calibration data
-        (the regression residual plus the eigenvalue tail); ``variance`` is that of ``W x``.
+        :class:`Factors`; ``error``: the corrective error on the calibration data (regression
+        residual plus eigenvalue tail); ``variance``: that of ``W x``.
 
     Example:
         >>> x = torch.randn(500, 6, dtype=torch.float64)
@@ -365,34 +362,37 @@ def corrective(
         >>> same, plain = corrective(w, None, m, c, m, c, c, rank=2), linear(w, None, m, c, rank=2)
         >>> torch.allclose(same.up @ same.down, plain.up @ plain.down)
         True
+        >>> y = corrective(w, None, m, c, w @ m, w @ c @ w.T, c @ w.T, rank=2, outputs=True)
+        >>> torch.allclose(y.up @ y.down, plain.up @ plain.down)
+        True
     """
     W = weight.detach().to(torch.float64)
     moments = (mean_tilde, cov_tilde, mean, cov, cross)
     mean_tilde, cov_tilde, mean, cov, cross = (t.to(W.device, torch.float64) for t in moments)
+    if outputs:  # the moments of y = W x: E[x~ y^T], E y and E||y - E y||^2 as they are
+        target, mean_out, variance = cross, mean, float(torch.diagonal(cov).sum())
+    else:
+        target, mean_out, variance = cross @ W.T, W @ mean, float(((W @ cov) * W).sum())
     centred = add_bias or bias is not None
-    moment_tilde, moment_cross = cov_tilde, cross
+    moment_tilde = cov_tilde
     if not centred:  # no intercept: regress on uncentred moments
         moment_tilde = cov_tilde + torch.outer(mean_tilde, mean_tilde)
-        moment_cross = cross + torch.outer(mean_tilde, mean)
-    # Ridge towards W: B = argmin E||W x - B x~||^2 + delta ||B - W||^2, i.e.
-    # B^T = (Ct + delta I)^{-1} (Ctx + delta I) W^T: one Cholesky solve, positive definite.
+        target = target + torch.outer(mean_tilde, mean_out)
+    # B^T = (Ct + delta I)^{-1} (Ctx W^T + delta W^T): one Cholesky solve, positive definite.
     trace = float(torch.diagonal(moment_tilde).sum())
     delta = damping * trace / W.shape[1] if trace > 0 else 1.0
-    target = moment_cross @ W.T  # (n, m): E[x~ (W x)^T], as moments
-    B = damped_solve(moment_tilde, target + delta * W.T, delta).T  # (m, n)
-    variance = float(((W @ cov) * W).sum())  # E || W x - E W x ||^2
+    B = damped_solve(moment_tilde, target + delta * W.T, delta).T  # (m, n); target (n, m)
     if centred:
-        intercept = W @ mean - B @ mean_tilde
+        intercept = mean_out - B @ mean_tilde
         if bias is not None:
             intercept = intercept + bias.detach().to(torch.float64)
         fit = linear(B, intercept, mean_tilde, cov_tilde, rank, energy, add_bias=True)
         total = variance
     else:
         fit = linear(B, None, mean_tilde, cov_tilde, rank, energy, add_bias=False)
-        total = variance + float((W @ mean).square().sum())
-    # The error of Z = up down on the data (the intercept makes the means agree):
-    # E||W x - Z x~||^2 = tr(W Cx W^T) - 2 tr(W Ctx^T Z^T) + tr(Z Ct Z^T), up orthonormal.
-    # tr(Z Ct Z^T) = tr(up^T B Ct B^T up): the kept eigenvalues, as down = up^T B.
+        total = variance + float(mean_out.square().sum())
+    # The error of Z = up down (the intercept makes the means agree): E||W x - Z x~||^2 =
+    # tr(W Cx W^T) - 2 tr(W Ctx^T Z^T) + tr(Z Ct Z^T), the last the kept eigenvalues.
     cross_term = float(((fit.up.T @ target.T) * fit.down).sum())
     fitted = float(fit.spectrum[: fit.rank].sum())
     fit.error = max(total - 2 * cross_term + fitted, 0.0)

@@ -109,15 +109,16 @@ def solve_weighted(
     W = group.weight.detach().to(S.device, torch.float64)
     b = None if group.bias is None else group.bias.detach().to(S.device, torch.float64)
     seen = replace(group, weight=S @ W, bias=None if b is None else S @ b, scale=None)
-    if outputs:  # moments of W x: those of S W x are S mu and S C S
-        seen = replace(seen, mean=S @ group.mean.to(S), cov=S @ group.cov.to(S) @ S)
+    if outputs:  # moments of W x: those of S W x are S mu, S C S (and E[x~ (S W x)^T] = Ctx S)
+        cross = None if group.cross is None else group.cross.to(S) @ S
+        seen = replace(seen, mean=S @ group.mean.to(S), cov=S @ group.cov.to(S) @ S, cross=cross)
     fit = solve(seen)
     Q, R = torch.linalg.qr(S_inv @ fit.up)  # keep ``up`` orthonormal: Z = Q (R down)
     up, down = Q, R @ fit.down
     bias = None if fit.bias is None else S_inv @ fit.bias
-    if outputs:  # the map on y = W x is K = S^-1 U U^T S
+    if outputs:  # the target is y = W x itself; in parallel, the map on it is S^-1 U U^T S
         target = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
-        predict = S_inv @ fit.up @ (fit.up.T @ S)
+        predict = up @ down if corrective else S_inv @ fit.up @ (fit.up.T @ S)
     else:
         target, predict = W, up @ down
     error, variance = _plain_error(group, target, predict, b, bias, corrective)
