@@ -22,8 +22,9 @@ values: on the layers of the benchmark models it reaches in 30 iterations a lowe
 than 200 steps of ``1/L``. A
 ``torch.optim``-style optimizer may replace the plain step. :class:`Problem`, :func:`minimise`
 and :func:`result` are shared with the nuclear-norm variant (:mod:`torch_lowrank.nuclear`). The
-best iterate is kept: nothing returned is worse than its start or NaN. All work is in float64 on
-the weight's device.
+best iterate is kept: nothing returned is worse than its start or NaN. All work is on the weight's
+device, in float64, except that a large layer's products (``N m n >= 2^24``) run in float32
+with the objective summed in float64.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ _BACKTRACKS = 30  # at most this many quarterings of one step
 _MEMORY = 5  # a step must improve on the worst of this many last objective values
 _SUFFICIENT = 1e-4  # ... by this fraction of its length squared over twice the step
 _STEP_RANGE = 1e3  # steps stay within [1 / (1e3 L), 1e3 / L]
+_FLOAT32_FROM = 2**24  # N m n from which the iterations' products run in float32
 
 
 def _resolve(activation: ActivationSpec) -> tuple[Activation, bool]:
@@ -118,6 +120,10 @@ class Problem:
         t = self.act(y)  # (N, m) targets
         self.shape, self.N = (m, n), self.X.shape[0]
         self.variance = float(t.var(0, correction=0).sum())
+        # A large layer's products run in float32 (the objective is summed in float64).
+        self.work = torch.float32 if self.N * m * n >= _FLOAT32_FROM else torch.float64
+        self.rows = self.X.to(self.work)  # (N, n) the rows the products use
+        y, t = y.to(self.work), t.to(self.work)
         self.t, self.y, self.positive = (None, y, t > 0) if self.convex else (t, None, None)
         self._L: float | None = None
         self.free_bias = True  # set by start()
@@ -154,7 +160,7 @@ class Problem:
         if not dead.any():
             return up, down, c
         Q, R = torch.linalg.qr(up * ~dead[:, None])  # Z' = (M up) down = Q (R down)
-        return Q, R @ down, torch.where(dead, self.y.mean(0), c) if self.free_bias else c
+        return Q, R @ down, torch.where(dead, self.y.mean(0).to(c), c) if self.free_bias else c
 
     def _residual(self, a: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
         """The residual ``R`` with ``f = ||R||^2 / N``, and ``df/da`` when ``grad``."""
@@ -170,15 +176,20 @@ class Problem:
             (da,) = torch.autograd.grad(out, a, grad_outputs=(2.0 / self.N) * R)
         return R, da
 
+    def _outputs(self, up: Tensor, down: Tensor, c: Tensor) -> Tensor:
+        work = self.work
+        return (self.rows @ down.T.to(work)) @ up.T.to(work) + c.to(work)  # (N, m)
+
     def value(self, up: Tensor, down: Tensor, c: Tensor) -> float:
-        R, _ = self._residual((self.X @ down.T) @ up.T + c, grad=False)
-        return float(R.square().sum()) / self.N
+        R, _ = self._residual(self._outputs(up, down, c), grad=False)
+        return float(R.square().sum(dtype=torch.float64)) / self.N
 
     def value_and_grad(self, up, down, c) -> tuple[float, Tensor, Tensor]:
         """``f`` at ``(Z = up down, c)`` with its gradients ``(m, n)`` and ``(m,)``."""
-        R, da = self._residual((self.X @ down.T) @ up.T + c, grad=True)  # (N, m)
-        gc = da.sum(0) if self.free_bias else torch.zeros_like(c)
-        return float(R.square().sum()) / self.N, da.T @ self.X, gc
+        R, da = self._residual(self._outputs(up, down, c), grad=True)  # (N, m)
+        gc = da.sum(0, dtype=torch.float64) if self.free_bias else torch.zeros_like(c)
+        gZ = (da.T @ self.rows).to(torch.float64)
+        return float(R.square().sum(dtype=torch.float64)) / self.N, gZ, gc
 
 
 def _project(Z: Tensor, U: Tensor, step: float | None = None) -> tuple[Tensor, Tensor]:
