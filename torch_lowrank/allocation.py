@@ -89,6 +89,23 @@ class LayerBudget:
         m, n = self.shape
         return min((m * n - 1) // (m + n), m, n)
 
+    def ranks(self, round_to: int = 1) -> range:
+        """The ranks an allocation may give the layer: multiples of ``round_to`` from
+        ``min_rank`` (at least ``round_to``) to the largest that saves weights and is at most
+        ``max_rank``; empty when no rank saves anything.
+
+        Example:
+            >>> LayerBudget("a", (8, 8), torch.ones(8)).ranks(round_to=2)
+            range(2, 3, 2)
+        """
+        top = self.largest_saving_rank
+        if self.max_rank is not None:
+            top = min(top, self.max_rank)
+        top -= top % round_to
+        start = min(max(self.min_rank, round_to), top) if top else 0
+        start += (-start) % round_to
+        return range(start, top + 1, round_to) if 0 < start <= top else range(0)
+
 
 def allocate(
     layers: list[LayerBudget], ratio: float, budget: str = "params", round_to: int = 1
@@ -118,13 +135,8 @@ def allocate(
     state = []  # (layer, current rank, normalised gains)
     spent = 0
     for layer in layers:
-        top = layer.largest_saving_rank
-        if layer.max_rank is not None:
-            top = min(top, layer.max_rank)
-        top -= top % round_to
-        start = min(max(layer.min_rank, round_to), top) if top else 0
-        start += (-start) % round_to
-        if start == 0 or start > top:  # no rank saves anything: dense
+        choices = layer.ranks(round_to)
+        if not choices:  # no rank saves anything: dense
             ranks[layer.name] = None
             spent += layer.dense_cost(budget)
             continue
@@ -134,9 +146,9 @@ def allocate(
             if total_energy > 0
             else torch.zeros_like(layer.spectrum)
         )
-        ranks[layer.name] = start
-        spent += start * layer.unit_cost(budget)
-        state.append((layer, top, gains.tolist()))
+        ranks[layer.name] = choices.start
+        spent += choices.start * layer.unit_cost(budget)
+        state.append((layer, choices[-1], gains.tolist()))
 
     if spent > allowed:
         raise ValueError(

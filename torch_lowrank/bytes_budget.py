@@ -45,18 +45,12 @@ class Option:
 def _options(layer: LayerBudget, round_to: int) -> list[Option]:
     """Every (bytes, weighted normalised error, choice) of the layer, cheapest first."""
     (m, n), g, size, scheme = layer.shape, layer.groups, layer.element_size, layer.scheme
-    top = layer.largest_saving_rank
-    if layer.max_rank is not None:
-        top = min(top, layer.max_rank)
-    top -= top % round_to
-    start = min(max(layer.min_rank, round_to), top) if top else 0
-    start += (-start) % round_to
     total = float(layer.spectrum.sum())
     scale = layer.weight / total if total > 0 else 0.0
     tails = (total - layer.spectrum.cumsum(0)).clamp_min(0).tolist()
     quantized = scheme is not None and layer.quantized is not None
     options = []
-    for r in range(start, top + 1, round_to) if 0 < start <= top else ():
+    for r in layer.ranks(round_to):
         options.append(Option(g * r * (m + n) * size, tails[r - 1] * scale, Choice(r)))
         if quantized:
             cost = scheme.nbytes(g * r, n) + scheme.nbytes(g * m, r)
