@@ -79,6 +79,19 @@ def compressed():
     return out
 
 
+def recording_builder():
+    """A builder of :class:`Rotary` and the list it fills, per call, with whether every
+    parameter was on the ``meta`` device when built."""
+    meta_at_build: list[bool] = []
+
+    def build() -> nn.Module:
+        dense = Rotary()
+        meta_at_build.append(all(p.is_meta for p in dense.parameters()))
+        return dense
+
+    return build, meta_at_build
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hugging_face_round_trip_gives_the_same_outputs(family, compressed, tmp_path):
     model, report = compressed[family]
@@ -137,13 +150,7 @@ def test_plain_model_with_a_builder(tmp_path):
     assert type(model.body[1]).__name__ == "FoldedBatchNorm"
     tl.save_pretrained(model, tmp_path)
     assert not (tmp_path / "config.json").exists()
-    meta_at_build = []
-
-    def build() -> nn.Module:
-        dense = Rotary()
-        meta_at_build.append(all(p.is_meta for p in dense.parameters()))
-        return dense
-
+    build, meta_at_build = recording_builder()
     loaded = tl.from_pretrained(tmp_path, build=build)
     assert meta_at_build == [True]  # nothing dense was allocated
     assert loaded.head.weight is loaded.embed.weight and torch.equal(loaded.scale, model.scale)
@@ -189,13 +196,7 @@ def test_quantized_plain_model_with_a_builder_keeps_ties(tmp_path):
         names, metadata = set(handle.keys()), handle.metadata()
     assert "body.0.down._weight_qdata" in names and "body.0.down.weight" not in names
     assert json.loads(metadata["tensor_names"]) and metadata["format"] == "pt"
-    meta_at_build = []
-
-    def build() -> nn.Module:
-        dense = Rotary()
-        meta_at_build.append(all(p.is_meta for p in dense.parameters()))
-        return dense
-
+    build, meta_at_build = recording_builder()
     loaded = tl.from_pretrained(tmp_path, build=build)
     assert meta_at_build == [True]
     assert loaded.head.weight is loaded.embed.weight and not tl.quantize.is_quantized(
