@@ -12,6 +12,9 @@ Llama (``transformers`` ``LlamaForCausalLM``, 4 layers of width 128, trained 400
 same characters, cached like the others).
 
     python -m benchmarks.bench_default_cost --roots OLD_CHECKOUT . [--repeats 2] [--json PATH]
+
+``--parallel`` runs the parallel flow (``corrective=False``) instead: there the question is how
+much ``relu`` gains over ``linear``.
 """
 
 from __future__ import annotations
@@ -92,8 +95,9 @@ def workload(name: str):
     return w.model, w.data, w.evaluate, w.layers
 
 
-def measure(name: str, method: str, ratio: float) -> dict:
-    """One ``compress`` of the workload in the default flow (run in this process)."""
+def measure(name: str, method: str, ratio: float, corrective: bool = True) -> dict:
+    """One ``compress`` of the workload in the default flow, or the parallel one when not
+    ``corrective`` (run in this process)."""
     import torch_lowrank as tl
     from benchmarks.models import NUM_THREADS
 
@@ -104,17 +108,18 @@ def measure(name: str, method: str, ratio: float) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         low, _ = tl.compress(
-            copy.deepcopy(model), data, ratio=ratio, method=method, progress=False, **layers
-        )
+            copy.deepcopy(model), data, ratio=ratio, method=method, corrective=corrective,
+            progress=False, **layers,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "value": evaluate(low)}
 
 
-def _run(root: str, name: str, method: str, ratio: float) -> dict:
+def _run(root: str, name: str, method: str, ratio: float, corrective: bool) -> dict:
     code = (
         "import json, runpy; "
         f"m = runpy.run_path({str(Path(__file__).resolve())!r}, run_name='cost'); "
-        f"print(json.dumps(m['measure']({name!r}, {method!r}, {ratio!r})))"
+        f"print(json.dumps(m['measure']({name!r}, {method!r}, {ratio!r}, {corrective!r})))"
     )
     here = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": f"{Path(root).resolve()}{os.pathsep}{here}"}
@@ -132,6 +137,9 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--parallel", action="store_true", help="the parallel flow (corrective=False) instead"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     found: dict = {}
@@ -139,7 +147,7 @@ def main() -> None:
         for name in args.workloads:
             for root in args.roots:
                 for method in ("relu", "linear"):
-                    row = _run(root, name, method, args.ratio)
+                    row = _run(root, name, method, args.ratio, not args.parallel)
                     found.setdefault((root, name, method), []).append(row)
                     print(root, name, method, row, flush=True)
     rows = []
@@ -156,7 +164,9 @@ def main() -> None:
             print(f"| {root} | {name} | {r:.1f} | {s:.1f} | {r / s:.2f}x | "
                   f"{row['relu_value']:.4f} | {row['linear_value']:.4f} |")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"ratio": args.ratio, "rows": rows}, indent=1))
+        flow = "parallel" if args.parallel else "corrective"
+        result = {"ratio": args.ratio, "flow": flow, "rows": rows}
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
