@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import cache, datasets, models
+from benchmarks import cache, datasets, models, training
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -71,13 +71,13 @@ def smoke_models() -> None:
     ):
         (model, (_, _, x_test, y_test)), secs = _timed(preset)
         _report_model(label, name, model, hparams, secs)
-        print(f"  test accuracy {models.evaluate_accuracy(model, x_test, y_test):.4f}")
+        print(f"  test accuracy {training.evaluate_accuracy(model, x_test, y_test):.4f}")
 
     (model, (vocab, train_ids, val_ids)), secs = _timed(models.trained_char_transformer)
     hparams = {**models.CHAR_LM_HPARAMS, "vocab": "".join(vocab)}
     _report_model("CharTransformer", "char_transformer", model, hparams, secs)
     block = models.CHAR_LM_HPARAMS["block"]
-    val_loss = models.evaluate_lm_loss(model, val_ids, block)
+    val_loss = training.evaluate_lm_loss(model, val_ids, block)
     baseline = datasets.unigram_loss(train_ids, val_ids, len(vocab))
     print(f"  val loss {val_loss:.3f} nats/char (unigram baseline {baseline:.3f})")
 

@@ -141,7 +141,7 @@ def _seeded(seed: int, build):
 def workload(name: str):
     """``(model, calibration batches, metric, compress kwargs)`` of a workload."""
     from benchmarks.cache import cached
-    from benchmarks.models import evaluate_accuracy, train_classifier
+    from benchmarks.training import evaluate_accuracy, train_classifier
 
     if name == "wide":
         h = WIDE_HPARAMS
