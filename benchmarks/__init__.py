@@ -1,8 +1,9 @@
 """Benchmarks for ``torch_lowrank``: shared data loaders, small models and benchmark scripts.
 
 This folder is a package so that scripts can be run from the repository root with
-``python -m benchmarks.<script>`` and share :mod:`benchmarks.datasets` and
-:mod:`benchmarks.models`. It is not part of the installed ``torch_lowrank`` distribution.
+``python -m benchmarks.<script>`` and share :mod:`benchmarks.datasets`, :mod:`benchmarks.models`,
+:mod:`benchmarks.training` and :mod:`benchmarks.cache`. It is not part of the installed
+``torch_lowrank`` distribution.
 
 Importing it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is already set. On a busy
 2-core machine, OpenMP threads that spin while waiting made 2-thread CPU training up to 8x

@@ -2,7 +2,7 @@
 
 Run from the repository root with ``python -m benchmarks._smoke_data``. For each dataset it
 prints the tensor sizes and load time; for each model it trains it (or loads it from the cache
-in :func:`benchmarks.models.cache_dir`), then prints the parameter count, the training time
+in :func:`benchmarks.cache.cache_dir`), then prints the parameter count, the training time
 (recorded when the entry was first trained) and the test metric: accuracy for classifiers,
 validation cross-entropy in nats per character for the character model, next to the unigram
 baseline. Uses ``torch.set_num_threads(2)`` (``benchmarks.models.NUM_THREADS``).
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import datasets, models
+from benchmarks import cache, datasets, models, training
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -37,7 +37,7 @@ def _n_params(model: nn.Module) -> int:
 def _report_model(
     label: str, name: str, model: nn.Module, hparams: dict[str, Any], seconds: float
 ) -> None:
-    meta = models.read_cache_meta(name, model, hparams) or {}
+    meta = cache.read_cache_meta(name, model, hparams) or {}
     trained = meta.get("train_seconds", float("nan"))
     print(
         f"{label}: {_n_params(model):,} parameters, trained in {trained:.1f} s "
@@ -71,13 +71,13 @@ def smoke_models() -> None:
     ):
         (model, (_, _, x_test, y_test)), secs = _timed(preset)
         _report_model(label, name, model, hparams, secs)
-        print(f"  test accuracy {models.evaluate_accuracy(model, x_test, y_test):.4f}")
+        print(f"  test accuracy {training.evaluate_accuracy(model, x_test, y_test):.4f}")
 
     (model, (vocab, train_ids, val_ids)), secs = _timed(models.trained_char_transformer)
     hparams = {**models.CHAR_LM_HPARAMS, "vocab": "".join(vocab)}
     _report_model("CharTransformer", "char_transformer", model, hparams, secs)
     block = models.CHAR_LM_HPARAMS["block"]
-    val_loss = models.evaluate_lm_loss(model, val_ids, block)
+    val_loss = training.evaluate_lm_loss(model, val_ids, block)
     baseline = datasets.unigram_loss(train_ids, val_ids, len(vocab))
     print(f"  val loss {val_loss:.3f} nats/char (unigram baseline {baseline:.3f})")
 
@@ -85,7 +85,7 @@ def smoke_models() -> None:
 def main() -> None:
     torch.set_num_threads(models.NUM_THREADS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"cache: {models.cache_dir()}")
+    print(f"cache: {cache.cache_dir()}")
     smoke_datasets()
     smoke_models()
 

@@ -22,7 +22,8 @@ import torch
 
 import torch_lowrank as tl
 from benchmarks.datasets import batches_from_ids
-from benchmarks.models import evaluate_lm_loss, trained_char_transformer
+from benchmarks.models import trained_char_transformer
+from benchmarks.training import evaluate_lm_loss
 
 
 def weight_fraction(report: tl.Report) -> float:

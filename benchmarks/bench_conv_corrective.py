@@ -140,7 +140,8 @@ def _seeded(seed: int, build):
 
 def workload(name: str):
     """``(model, calibration batches, metric, compress kwargs)`` of a workload."""
-    from benchmarks.models import cached, evaluate_accuracy, train_classifier
+    from benchmarks.cache import cached
+    from benchmarks.training import evaluate_accuracy, train_classifier
 
     if name == "wide":
         h = WIDE_HPARAMS

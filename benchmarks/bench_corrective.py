@@ -30,12 +30,8 @@ from torch import nn
 
 import torch_lowrank as tl
 from benchmarks.datasets import batches_from_ids
-from benchmarks.models import (
-    evaluate_accuracy,
-    evaluate_lm_loss,
-    trained_char_transformer,
-    trained_small_cnn,
-)
+from benchmarks.models import trained_char_transformer, trained_small_cnn
+from benchmarks.training import evaluate_accuracy, evaluate_lm_loss
 from torch_lowrank.corrective import schedule
 
 MODES = ("parallel", "sequential", "corrective")

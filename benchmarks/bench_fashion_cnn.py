@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_lowrank as tl
-from benchmarks.models import evaluate_accuracy, trained_small_cnn
+from benchmarks.models import trained_small_cnn
+from benchmarks.training import evaluate_accuracy
 
 METHODS = ("svd", "linear", "relu")
 HEAD = "classifier.3"

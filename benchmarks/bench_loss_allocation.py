@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import torch_lowrank as tl
 from benchmarks.bench_allocation import weight_fraction
 from benchmarks.datasets import batches_from_ids
-from benchmarks.models import NUM_THREADS, evaluate_lm_loss, trained_char_transformer
+from benchmarks.models import NUM_THREADS, trained_char_transformer
+from benchmarks.training import evaluate_lm_loss
 from torch_lowrank.allocation import LayerBudget, allocate
 
 

@@ -44,13 +44,12 @@ from benchmarks.bench_allocation import weight_fraction
 from benchmarks.datasets import batches_from_ids
 from benchmarks.models import (
     NUM_THREADS,
-    evaluate_accuracy,
-    evaluate_lm_loss,
     trained_char_transformer,
     trained_digits_mlp,
     trained_fashion_mlp,
     trained_small_cnn,
 )
+from benchmarks.training import evaluate_accuracy, evaluate_lm_loss
 
 __all__ = ["WORKLOADS", "METHODS", "Workload", "build", "run"]
 

@@ -15,8 +15,9 @@ Sources:
   The idx format is described at http://yann.lecun.com/exdb/mnist/ (LeCun et al.).
 * Text: the reStructuredText sources of the Python 3.11 documentation
   (https://docs.python.org/3.11/, PSF licence), installed by Debian's ``python3.11-doc`` under
-  ``/usr/share/doc/python3.11/html/_sources`` as ``*.rst.txt``. Markup is stripped lightly to
-  leave mostly plain English prose for a character-level language model.
+  ``/usr/share/doc/python3.11/html/_sources`` as ``*.rst.txt``. Markup is stripped lightly
+  (:mod:`benchmarks.rst_text`) to leave mostly plain English prose for a character-level
+  language model.
 
 All feature tensors are ``float32``; class labels and token ids are ``int64`` so they can be
 fed straight to :func:`torch.nn.functional.cross_entropy`.
@@ -25,12 +26,13 @@ fed straight to :func:`torch.nn.functional.cross_entropy`.
 from __future__ import annotations
 
 import gzip
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.rst_text import rst_to_text
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_APT = "apt-get update && apt-get install -y dataset-fashion-mnist"
@@ -49,72 +51,6 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-_HEADING_RE = re.compile(r"^\s*([=\-~^*#\"'`+:._])\1{2,}\s*$")
-_DIRECTIVE_RE = re.compile(r"^\s*\.\.(\s|$)")
-_DIRECTIVE_NAME_RE = re.compile(r"^\s*\.\.\s+([\w:-]+)::")
-_TABLE_RULE_RE = re.compile(r"^\s*(\+[-=+]+\+|[=-]+(\s+[=-]+)+)\s*$")
-_FIELD_OPTION_RE = re.compile(r"^\s*:[\w-]+:(\s+\S+)?\s*$")
-_ROLE_RE = re.compile(r":[\w:.+-]+:`([^`]*)`")
-_LINK_TARGET_RE = re.compile(r"\s*<[^<>`]*>$")
-_LITERAL_RE = re.compile(r"``(.+?)``")
-_INTERPRETED_RE = re.compile(r"`([^`]+)`_{0,2}")
-_STRONG_RE = re.compile(r"\*\*(\S(?:.*?\S)?)\*\*")
-_EMPH_RE = re.compile(r"(?<![\w*])\*(\S(?:.*?\S)?)\*(?![\w*])")
-_SPACES_RE = re.compile(r"[ \t]+")
-_FOOTNOTE_REF_RE = re.compile(r"\s*\[(?:#\w*|\d+|\*)\]_")
-# Directives whose indented body is prose worth keeping; the bodies of all other directives
-# (code blocks, toctrees, index entries, tables, comments, ...) are dropped.
-_PROSE_DIRECTIVES = frozenset(
-    (
-        "note",
-        "warning",
-        "important",
-        "tip",
-        "caution",
-        "attention",
-        "danger",
-        "hint",
-        "admonition",
-        "seealso",
-        "topic",
-        "sidebar",
-        "versionadded",
-        "versionchanged",
-        "deprecated",
-        "deprecated-removed",
-        "impl-detail",
-        "only",
-        "glossary",
-        "function",
-        "method",
-        "classmethod",
-        "staticmethod",
-        "abstractmethod",
-        "coroutinefunction",
-        "coroutinemethod",
-        "decorator",
-        "decoratormethod",
-        "class",
-        "exception",
-        "attribute",
-        "data",
-        "module",
-        "describe",
-        "opcode",
-        "cmdoption",
-        "option",
-        "envvar",
-        "pdbcommand",
-        "availability",
-        "c:function",
-        "c:type",
-        "c:member",
-        "c:macro",
-        "c:var",
-        "c:struct",
-        "c:data",
-    )
-)
 
 
 # --------------------------------------------------------------------------- digits
@@ -220,81 +156,6 @@ def load_fashion_mnist(
 # --------------------------------------------------------------------------- text
 
 
-def _strip_inline(line: str) -> str:
-    """Remove common reST inline markup from one line, keeping the visible text."""
-
-    def role(match: re.Match[str]) -> str:
-        return _LINK_TARGET_RE.sub("", match.group(1)).lstrip("~!")
-
-    line = _FOOTNOTE_REF_RE.sub("", line)
-    line = _ROLE_RE.sub(role, line)
-    line = _LITERAL_RE.sub(r"\1", line)
-    line = _INTERPRETED_RE.sub(lambda m: _LINK_TARGET_RE.sub("", m.group(1)), line)
-    line = _STRONG_RE.sub(r"\1", line)
-    line = _EMPH_RE.sub(r"\1", line)
-    line = line.replace("\\", "").replace("|", " ")
-    if line.endswith(" ::") or line == "::":
-        line = line[:-2]
-    elif line.endswith("::"):
-        line = line[:-1]
-    return _SPACES_RE.sub(" ", line).strip()
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
-
-
-def _skips_body(line: str) -> bool:
-    """Whether ``line`` opens an indented block whose content should be dropped."""
-    if _DIRECTIVE_RE.match(line):
-        name = _DIRECTIVE_NAME_RE.match(line)
-        return name is None or name.group(1) not in _PROSE_DIRECTIVES
-    return line.endswith("::")  # a paragraph that introduces a literal (code) block
-
-
-def _is_markup_only(line: str) -> bool:
-    """Whether ``line`` carries no prose (directive, adornment, option, prompt, table rule)."""
-    stripped = line.strip()
-    return bool(
-        _DIRECTIVE_RE.match(line)
-        or _HEADING_RE.match(line)
-        or _TABLE_RULE_RE.match(line)
-        or _FIELD_OPTION_RE.match(line)
-        or stripped.startswith((">>>", "... ", "$ "))
-        or stripped == "..."
-    )
-
-
-def rst_to_text(source: str) -> str:
-    """Lightly convert reStructuredText to plain text.
-
-    Drops directive and comment lines (``.. xxx``) and, except for prose directives such as
-    ``note`` or ``function``, their indented bodies; literal blocks introduced by ``::``; heading
-    adornments, table rules, option lines and interactive ``>>>`` examples. Strips inline roles,
-    literals and emphasis, removes indentation and keeps ASCII only. Heuristic, not a reST parser.
-    """
-    out: list[str] = []
-    skip_indent: int | None = None  # indent of the line that opened a block being dropped
-    for raw in source.expandtabs(8).splitlines():
-        line = raw.rstrip()
-        if skip_indent is not None:
-            if not line or _indent(line) > skip_indent:
-                continue
-            skip_indent = None
-        if not line:
-            if out and out[-1]:
-                out.append("")
-            continue
-        if _skips_body(line):
-            skip_indent = _indent(line)
-        if _is_markup_only(line):
-            continue
-        text = _strip_inline(line.strip()).encode("ascii", "ignore").decode("ascii")
-        if text:
-            out.append(text)
-    return "\n".join(out).strip() + "\n"
-
-
 def load_text_corpus(
     max_chars: int | None = DEFAULT_MAX_CHARS,
     root: str | Path = PYTHON_DOC_SOURCES_DIR,
@@ -303,10 +164,10 @@ def load_text_corpus(
     """Return up to ``max_chars`` characters of plain English text from the Python 3.11 docs.
 
     Reads every ``*.rst.txt`` (or ``*.txt``/``*.rst``) file under ``root`` in sorted
-    relative-path order, converts each with :func:`rst_to_text` and joins them with blank
-    lines, so the result is deterministic. ``sections`` optionally restricts the read to some
-    top-level folders (e.g. ``("tutorial", "library")``). ``max_chars=None`` returns all text
-    (about 8 million characters).
+    relative-path order, converts each with :func:`benchmarks.rst_text.rst_to_text` and joins
+    them with blank lines, so the result is deterministic. ``sections`` optionally restricts the
+    read to some top-level folders (e.g. ``("tutorial", "library")``). ``max_chars=None``
+    returns all text (about 8 million characters).
     """
     root = Path(root)
     if not root.is_dir():

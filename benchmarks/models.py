@@ -1,4 +1,4 @@
-"""Small reference models, CPU training loops and a train-once cache for the benchmarks.
+"""Small reference models and their trained-once presets for the benchmarks.
 
 The models are deliberately plain (``nn.Linear``, ``nn.Conv2d``, ``nn.ReLU``, ``nn.GELU``,
 ``nn.LayerNorm``, no BatchNorm, no fused attention module) so that every weight matrix is an
@@ -12,41 +12,29 @@ ordinary module parameter that ``torch_lowrank`` can factorise.
   after Karpathy's nanoGPT, https://github.com/karpathy/nanoGPT). Attention follows Vaswani et
   al., "Attention Is All You Need", arXiv:1706.03762, with explicit q/k/v/out ``nn.Linear``.
 
-Training uses AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
-arXiv:1711.05101) with a cosine learning-rate decay, seeded, on the CPU.
-
-:func:`cached` trains a model once and stores its ``state_dict`` under
-``~/.cache/torch_lowrank_bench/`` (or ``$TORCH_LOWRANK_BENCH_CACHE``), never in the repository.
-The ``trained_*`` helpers fix the hyperparameters used by all benchmarks.
+The ``trained_*`` helpers fix the hyperparameters used by all benchmarks, train each model
+once with the loops of :mod:`benchmarks.training` and keep it in the cache of
+:mod:`benchmarks.cache` (outside the repository).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
-import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.cache import cached
 from benchmarks.datasets import (
-    batches_from_ids,
     char_dataset,
     load_digits_split,
     load_fashion_mnist,
     load_text_corpus,
 )
+from benchmarks.training import train_char_lm, train_classifier
 
-CACHE_ENV_VAR = "TORCH_LOWRANK_BENCH_CACHE"
-DEFAULT_CACHE_DIR = Path("~/.cache/torch_lowrank_bench")
-CACHE_FORMAT_VERSION = 1
 NUM_THREADS = 2  # the training budgets below were measured with 2 threads
 
 DIGITS_MLP_HPARAMS: dict[str, Any] = {
@@ -246,219 +234,6 @@ def _init_gpt_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
-
-
-# --------------------------------------------------------------------------- training
-
-
-def _cosine_lr(step: int, total: int, lr: float, warmup: int) -> float:
-    """Linear warm-up for ``warmup`` steps, then cosine decay to 10% of ``lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
-def train_classifier(
-    model: ModelT,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    weight_decay: float = 1e-2,
-) -> ModelT:
-    """Train ``model`` in place with AdamW + cosine decay on cross-entropy; return it in eval mode.
-
-    Mini-batches are reshuffled every epoch by a ``torch.Generator`` seeded with ``seed``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(x_train)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    step = 0
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            _set_lr(opt, _cosine_lr(step, total, lr, warmup=min(100, total // 10)))
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    return model.eval()
-
-
-def train_char_lm(
-    model: ModelT,
-    train_ids: torch.Tensor,
-    block: int,
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    weight_decay: float = 1e-1,
-) -> ModelT:
-    """Train a next-character model in place with AdamW + cosine decay; return it in eval mode.
-
-    Batches come from :func:`benchmarks.datasets.batches_from_ids` with ``seed``; weight
-    decay applies to matrices only (not to biases, LayerNorm or embeddings), as in nanoGPT.
-    Gradients are clipped to norm 1.
-    """
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
-    decay_ids = {id(p) for p in decay}
-    no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=lr,
-        betas=(0.9, 0.99),
-    )
-    model.train()
-    batches = batches_from_ids(train_ids, block, batch_size, steps, seed)
-    for step, (x, y) in enumerate(batches):
-        _set_lr(opt, _cosine_lr(step, steps, lr, warmup=min(100, steps // 10)))
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def evaluate_accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
-) -> float:
-    """Top-1 accuracy in ``[0, 1]`` of ``model`` on ``(x, y)``, in eval mode, no gradients."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(x)
-
-
-@torch.no_grad()
-def evaluate_lm_loss(
-    model: nn.Module,
-    val_ids: torch.Tensor,
-    block: int,
-    n_batches: int = 50,
-    seed: int = 1234,
-    batch_size: int = 64,
-) -> float:
-    """Mean next-character cross-entropy (nats/char) over ``n_batches`` seeded random windows."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for x, y in batches_from_ids(val_ids, block, batch_size, n_batches, seed):
-        logits = model(x)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
-    model.train(was_training)
-    return total / n_batches
-
-
-# --------------------------------------------------------------------------- cache
-
-
-def cache_dir() -> Path:
-    """Return ``$TORCH_LOWRANK_BENCH_CACHE`` if set, else ``~/.cache/torch_lowrank_bench``."""
-    return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR).expanduser()
-
-
-def cache_key(name: str, model: nn.Module, hparams: Mapping[str, Any] | None = None) -> str:
-    """``name-<hash>``; the hash covers ``hparams``, parameter names/shapes and torch version."""
-    material = {
-        "version": CACHE_FORMAT_VERSION,
-        "name": name,
-        "hparams": dict(hparams or {}),
-        "class": type(model).__qualname__,
-        "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
-        "torch": torch.__version__.split("+")[0],
-    }
-    blob = json.dumps(material, sort_keys=True, default=repr).encode()
-    return f"{name}-{hashlib.sha256(blob).hexdigest()[:16]}"
-
-
-def cache_paths(
-    name: str, model: nn.Module, hparams: Mapping[str, Any] | None = None
-) -> tuple[Path, Path]:
-    """Return ``(weights.pt, metadata.json)`` paths of a cache entry (they may not exist)."""
-    key = cache_key(name, model, hparams)
-    return cache_dir() / f"{key}.pt", cache_dir() / f"{key}.json"
-
-
-def read_cache_meta(
-    name: str, model: nn.Module, hparams: Mapping[str, Any] | None = None
-) -> dict[str, Any] | None:
-    """Metadata saved next to a cache entry (``train_seconds``, ``hparams``, ...), or ``None``."""
-    meta_path = cache_paths(name, model, hparams)[1]
-    if not meta_path.is_file():
-        return None
-    return json.loads(meta_path.read_text())
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see halves."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def cached(
-    name: str,
-    build_fn: Callable[[], ModelT],
-    train_fn: Callable[[ModelT], ModelT | None],
-    hparams: Mapping[str, Any] | None = None,
-) -> ModelT:
-    """Return a trained model, training it only when no cache entry exists.
-
-    ``build_fn()`` makes a fresh model (seed inside it for reproducible init); ``train_fn(model)``
-    trains it in place. The entry is keyed by :func:`cache_key` (``name``, a hash of
-    ``hparams`` and the model's parameter shapes), so pass every setting that changes the
-    result in ``hparams``. Weights are loaded with ``torch.load(weights_only=True)``. The
-    returned model is in eval mode.
-    """
-    model = build_fn()
-    weights, meta = cache_paths(name, model, hparams)
-    if weights.is_file():
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        return model.eval()
-    start = time.perf_counter()
-    trained = train_fn(model)
-    model = trained if trained is not None else model
-    seconds = time.perf_counter() - start
-    _atomic_write(weights, lambda p: torch.save(model.state_dict(), p))
-    info = {
-        "name": name,
-        "hparams": dict(hparams or {}),
-        "train_seconds": seconds,
-        "torch_threads": torch.get_num_threads(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    _atomic_write(meta, lambda p: p.write_text(json.dumps(info, indent=2, default=repr)))
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- presets

@@ -18,7 +18,7 @@ run may not name the published page).
 capped solver iterations (see ``bench_quality.SETTINGS``); it is
 meant to finish in minutes once the trained models are cached (training them the first time
 takes several more minutes). Models are trained once and cached outside the
-repository (``benchmarks/models.py``). Everything is seeded. ``corrective_modes`` (parallel,
+repository (``benchmarks/cache.py``). Everything is seeded. ``corrective_modes`` (parallel,
 GPTQ-style sequential and corrective recovery, ``bench_corrective``; about 40 minutes),
 ``block_caching`` (``bench_block_cache``) and ``quantized_factors`` (``bench_quant``: low rank
 and int8 at equal bytes; needs torchao) run only when named, e.g. ``--only corrective_modes``.
@@ -58,7 +58,8 @@ from benchmarks import (  # noqa: E402
     bench_quant,
     results_page,
 )
-from benchmarks.models import NUM_THREADS, cache_dir  # noqa: E402
+from benchmarks.cache import cache_dir  # noqa: E402
+from benchmarks.models import NUM_THREADS  # noqa: E402
 
 #: Where a quick run without ``--out`` writes (never the published ``benchmarks/results/``).
 QUICK_OUT = Path(tempfile.gettempdir()) / "torch_lowrank_bench_quick"
