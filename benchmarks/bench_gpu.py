@@ -216,9 +216,32 @@ def run(quick: bool, device: str = "cuda") -> dict:
     if where.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("gpu_check needs CUDA, and torch.cuda.is_available() is False")
     name = torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"
-    rows = [check(build(w, where, quick), where) for w in ("mlp", "gpt2")]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    rows = [
+        {**check(build(w, where, quick), where), "device": name, "date": stamp}
+        for w in ("mlp", "gpt2")
+    ]
     return {"device": name, "date": stamp, "quick": quick, "rows": rows}
+
+
+def table(rows: list[dict]) -> str:
+    """The results page's table of a run (``benchmarks/results_page.py``)."""
+    lines = [
+        f"{rows[0]['device']}, {rows[0]['date']}. Calibration overhead: the calibrating "
+        "forward over the dense forward, median per batch under `torch.cuda.synchronize()`; "
+        "syncs: calls that wait for the device over the steady-state batches.",
+        "",
+        "| workload | dense ms | calibrating ms | overhead | syncs | recover linear s "
+        "| recover relu s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['dense_ms']:.2f} | {r['calibrating_ms']:.2f} | "
+            f"{r['overhead']:.2f}x | {sum(r['sync_calls'].values())} | "
+            f"{r['recover_linear_s']:.2f} | {r['recover_relu_s']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -228,15 +251,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     found = run(args.quick, args.device)
-    print(f"{found['device']}, {found['date']}")
-    print("| workload | dense ms | calibrating ms | overhead | syncs | linear s | relu s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in found["rows"]:
-        print(
-            f"| {r['workload']} | {r['dense_ms']:.2f} | {r['calibrating_ms']:.2f} | "
-            f"{r['overhead']:.2f}x | {sum(r['sync_calls'].values())} | "
-            f"{r['recover_linear_s']:.2f} | {r['recover_relu_s']:.2f} |"
-        )
+    print(table(found["rows"]))
     if args.json:
         Path(args.json).write_text(json.dumps(found, indent=1))
 

@@ -49,6 +49,7 @@ EXTRAS = {
     ),
     "block_caching": ("benchmarks.bench_block_cache", "Corrective recovery with block caching"),
     "quantized_factors": ("benchmarks.bench_quant", "Low rank and int8 at equal bytes"),
+    "gpu_check": ("benchmarks.bench_gpu", "GPU check"),
 }
 
 

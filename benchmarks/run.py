@@ -20,8 +20,9 @@ meant to finish in minutes once the trained models are cached (training them the
 takes several more minutes). Models are trained once and cached outside the
 repository (``benchmarks/cache.py``). Everything is seeded. ``corrective_modes`` (parallel,
 GPTQ-style sequential and corrective recovery, ``bench_corrective``; about 40 minutes),
-``block_caching`` (``bench_block_cache``) and ``quantized_factors`` (``bench_quant``: low rank
-and int8 at equal bytes; needs torchao) run only when named, e.g. ``--only corrective_modes``.
+``block_caching`` (``bench_block_cache``), ``quantized_factors`` (``bench_quant``: low rank
+and int8 at equal bytes; needs torchao) and ``gpu_check`` (``bench_gpu``: needs CUDA) run only
+when named, e.g. ``--only corrective_modes``.
 Suite files are named after the benchmarks; the older per-script files in the same folder
 (``memory.json``, ``block_cache.json``, ...) are left alone.
 """
@@ -52,6 +53,7 @@ from benchmarks import (  # noqa: E402
     bench_block_cache,
     bench_corrective,
     bench_cost,
+    bench_gpu,
     bench_inference,
     bench_projected,
     bench_quality,
@@ -95,6 +97,7 @@ BENCHMARKS = {
     "corrective_modes": (_corrective_modes, "extra"),  # about 40 minutes
     "block_caching": (_block_caching, "extra"),
     "quantized_factors": (_quantized_factors, "extra"),
+    "gpu_check": (bench_gpu.run, "extra"),  # needs CUDA
 }
 
 

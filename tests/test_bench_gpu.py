@@ -24,6 +24,8 @@ def test_quick_run_on_cpu_calibrates_and_recovers_both_workloads():
         # output, and relu's objective never ends above the linear start it begins from
         assert 0.0 < row["relative_error_linear"] < 1.0
         assert 0.0 < row["relative_error_relu"] < 1.0
+    table = bench_gpu.table(found["rows"])
+    assert table.startswith("cpu, ") and "| mlp |" in table and "| gpt2 |" in table
 
 
 def test_without_cuda_the_check_says_so():
