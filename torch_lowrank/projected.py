@@ -73,7 +73,7 @@ def _top_eigenvalue(X: Tensor, iterations: int = 50) -> float:
     """Top eigenvalue of ``(1/N) [X, 1]^T [X, 1]`` by power iteration (from a fixed start)."""
     N, n = X.shape
     gen = torch.Generator(device=X.device).manual_seed(0)
-    v = torch.randn(n + 1, generator=gen, dtype=X.dtype, device=X.device)
+    v = torch.randn(n + 1, generator=gen, dtype=torch.float64, device=X.device).to(X.dtype)
     v = v / v.norm()
     value = 0.0
     for _ in range(iterations):
@@ -106,9 +106,10 @@ class Problem:
                 f"expected rows of shape (N, {n}) with N >= 1\nbut got shape {tuple(rows.shape)}"
             )
         _check_shape("target_rows", target_rows, tuple(rows.shape), str(tuple(rows.shape)))
-        self.X = rows.detach().to(device=device, dtype=torch.float64)  # (N, n)
-        Xt = self.X if target_rows is None else target_rows.detach().to(self.X)
-        for name, x in (("rows", self.X), ("target_rows", Xt)):
+        self.device = device
+        X = rows.detach().to(device=device, dtype=torch.float64)  # (N, n)
+        Xt = X if target_rows is None else target_rows.detach().to(X)
+        for name, x in (("rows", X), ("target_rows", Xt)):
             bad = int((~torch.isfinite(x)).sum())
             if bad:
                 raise ValueError(f"expected finite {name}\nbut got {bad} non-finite entries")
@@ -118,11 +119,11 @@ class Problem:
         if bias is not None:
             y = y + bias.detach().to(y)
         t = self.act(y)  # (N, m) targets
-        self.shape, self.N = (m, n), self.X.shape[0]
+        self.shape, self.N = (m, n), X.shape[0]
         self.variance = float(t.var(0, correction=0).sum())
         # A large layer's products run in float32 (the objective is summed in float64).
         self.work = torch.float32 if self.N * m * n >= _FLOAT32_FROM else torch.float64
-        self.rows = self.X.to(self.work)  # (N, n) the rows the products use
+        self.rows = X.to(self.work)  # (N, n) the rows the products use (no float64 copy kept)
         y, t = y.to(self.work), t.to(self.work)
         self.t, self.y, self.positive = (None, y, t > 0) if self.convex else (t, None, None)
         self._L: float | None = None
@@ -132,18 +133,22 @@ class Problem:
     def lipschitz(self) -> float:
         if self._L is None:
             slope = 1.0 if self.convex else max(1.0, self.activation.max_slope)
-            self._L = max(2.0 * _top_eigenvalue(self.X) * slope**2, 1e-300)
+            self._L = max(2.0 * _top_eigenvalue(self.rows) * slope**2, 1e-300)
         return self._L
+
+    def float64(self, tensor: Tensor) -> Tensor:
+        """``tensor`` in float64 on the problem's device (where factors are kept)."""
+        return tensor.to(device=self.device, dtype=torch.float64)
 
     def start(self, factors: Factors) -> tuple[Tensor, Tensor, Tensor]:
         (m, n), r = self.shape, factors.down.shape[0]
         _check_shape("start.up", factors.up, (m, r), f"({m}, r)")
         _check_shape("start.down", factors.down, (r, n), f"(r, {n})")
         _check_shape("start.bias", factors.bias, (m,), f"({m},)")
-        up, down = (t.detach().to(self.X) for t in (factors.up, factors.down))
+        up, down = (self.float64(t.detach()) for t in (factors.up, factors.down))
         # A start without bias (a bias-free layer solved without intercept) stays without one.
         self.free_bias = factors.bias is not None
-        c = torch.zeros(m).to(self.X) if factors.bias is None else factors.bias.detach().to(up)
+        c = self.float64(torch.zeros(m) if factors.bias is None else factors.bias.detach())
         if r and float((up.T @ up - torch.eye(r).to(up)).abs().max()) > 1e-10:
             Q, R = torch.linalg.qr(up)  # the same product, with orthonormal columns
             up, down = Q, R @ down
@@ -275,8 +280,8 @@ def result(problem, start, best, before, iterations, info) -> Factors:
     if not value < before[0]:
         (value, data), (up, down, c) = before, problem.start(start)
     if down.shape[0] == 0:  # everything was thresholded away: keep one (zero) direction
-        up = torch.eye(problem.shape[0], 1).to(problem.X)
-        down = torch.zeros(1, problem.shape[1]).to(problem.X)
+        up = problem.float64(torch.eye(problem.shape[0], 1))
+        down = problem.float64(torch.zeros(1, problem.shape[1]))
     info = {
         "iterations": iterations,
         "objective_before": before[0],
