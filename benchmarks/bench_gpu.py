@@ -45,7 +45,8 @@ from torch.overrides import TorchFunctionMode
 import torch_lowrank as tl
 from benchmarks.models import CharTransformer
 
-#: Calls whose result the host has to wait for (as in ``tests/test_no_sync.py``).
+#: Calls whose result the host has to wait for: a value, a truth value, or a size that depends
+#: on the values (``nonzero`` and its relatives); ``tests/test_no_sync.py`` counts them too.
 SYNCING = {
     "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "item", "tolist",
     "__bool__", "__int__", "__float__", "__index__", "__complex__", "is_nonzero", "equal",
@@ -55,7 +56,8 @@ HOST_ELEMENTS = 4096  # a host tensor this large made during a GPU run is a sile
 
 
 class CallCounter(TorchFunctionMode):
-    """Counts syncing calls and, with ``device``, calls that return a large tensor elsewhere."""
+    """Counts syncing calls (and indexing with a boolean mask, a hidden ``nonzero``) and, with
+    ``device``, calls that return a large tensor elsewhere."""
 
     def __init__(self, device: torch.device | None = None) -> None:
         super().__init__()
@@ -67,7 +69,7 @@ class CallCounter(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in SYNCING:
             self.syncs[name] += 1
-        if name in ("__getitem__", "__setitem__") and any(
+        if name in ("__getitem__", "__setitem__", "index_put_", "index_put") and any(
             isinstance(a, torch.Tensor) and a.dtype == torch.bool
             for a in (args[1] if isinstance(args[1], tuple) else (args[1],))
         ):

@@ -1,50 +1,22 @@
 """Calibration never waits for the device (issue 21): the hooks' steady-state batches make no
 call that reads a tensor's value on the host.
 
-A :class:`~torch.overrides.TorchFunctionMode` sees every torch function and tensor method the
-hooks call. On a GPU each of the calls counted here blocks the host until the device has caught
-up; on the CPU they are harmless, which is why only a test finds them.
+A :class:`~torch.overrides.TorchFunctionMode` (``benchmarks/bench_gpu.py``'s counter, the one
+the GPU check uses) sees every torch function and tensor method the hooks call. On a GPU each
+of the calls counted here blocks the host until the device has caught up; on the CPU they are
+harmless, which is why only a test finds them.
 """
-
-import collections
 
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import torch_lowrank as tl
+from benchmarks.bench_gpu import CallCounter as SyncCounter
 from torch_lowrank.pairing import accumulate_wave, original_width
 from torch_lowrank.reservoir import Reservoir
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-#: Calls whose result the host has to wait for: a value, a truth value, or a size that depends
-#: on the values (``nonzero`` and its relatives).
-SYNCING = {
-    "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "item", "tolist",
-    "__bool__", "__int__", "__float__", "__index__", "__complex__", "is_nonzero", "equal",
-    "allclose", "numpy", "repeat_interleave",
-}  # fmt: skip
-
-
-class SyncCounter(TorchFunctionMode):
-    """Counts the syncing calls, and indexing with a boolean mask (a hidden ``nonzero``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: collections.Counter = collections.Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        if name in SYNCING:
-            self.calls[name] += 1
-        if name in ("__getitem__", "__setitem__", "index_put_", "index_put") and any(
-            isinstance(a, torch.Tensor) and a.dtype == torch.bool
-            for a in (args[1] if isinstance(args[1], tuple) else (args[1],))
-        ):
-            self.calls[f"{name}[bool]"] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def mlp() -> nn.Module:
@@ -90,7 +62,7 @@ def test_steady_state_calibration_makes_no_sync_call(build, shape, stats_space):
     with SyncCounter() as counter:
         for x in data[6:]:
             model(x)
-    assert dict(counter.calls) == {}
+    assert dict(counter.syncs) == {}
 
 
 def test_reservoir_update_and_offer_make_no_sync_call():
@@ -108,7 +80,7 @@ def test_reservoir_update_and_offer_make_no_sync_call():
         other = Reservoir(16)
         other.update(torch.randn(50, 3))
         reservoir.merge_(other)
-    assert dict(counter.calls) == {}
+    assert dict(counter.syncs) == {}
     assert reservoir.rows.shape == (16, 3)
 
 
@@ -128,5 +100,5 @@ def test_corrective_pairing_makes_no_sync_call(positions):
     with SyncCounter() as counter:
         for layer in layers:
             paired = accumulate_wave([layer], runs, with_samples=True, positions=positions)
-    assert dict(counter.calls) == {}
+    assert dict(counter.syncs) == {}
     assert paired[layers[-1]][0][0].count == 8 * 20
