@@ -168,33 +168,43 @@ class Problem:
         return Q, R @ down, torch.where(dead, self.y.mean(0).to(c), c) if self.free_bias else c
 
     def _residual(self, a: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
-        """The residual ``R`` with ``f = ||R||^2 / N``, and ``df/da`` when ``grad``."""
+        """The residual ``R`` with ``f = ||R||^2 / N``, and ``(N / 2) df/da`` when ``grad`` (the
+        factor ``2 / N`` goes on the small gradients, not on an ``(N, m)`` tensor)."""
         if self.convex:
             R = torch.where(self.positive, a - self.y, a.clamp_min(0.0))
-            return R, (2.0 / self.N) * R if grad else None
+            return R, R if grad else None
         if not grad:
             return self.act(a) - self.t, None
         with torch.enable_grad():
             a = a.detach().requires_grad_(True)
             out = self.act(a)
             R = out.detach() - self.t
-            (da,) = torch.autograd.grad(out, a, grad_outputs=(2.0 / self.N) * R)
+            (da,) = torch.autograd.grad(out, a, grad_outputs=R)
         return R, da
 
     def _outputs(self, up: Tensor, down: Tensor, c: Tensor) -> Tensor:
         work = self.work
-        return (self.rows @ down.T.to(work)) @ up.T.to(work) + c.to(work)  # (N, m)
+        return torch.addmm(c.to(work), self.rows @ down.T.to(work), up.T.to(work))  # (N, m)
 
     def value(self, up: Tensor, down: Tensor, c: Tensor) -> float:
         R, _ = self._residual(self._outputs(up, down, c), grad=False)
-        return float(R.square().sum(dtype=torch.float64)) / self.N
+        return _total(R) / self.N
 
     def value_and_grad(self, up, down, c) -> tuple[float, Tensor, Tensor]:
         """``f`` at ``(Z = up down, c)`` with its gradients ``(m, n)`` and ``(m,)``."""
         R, da = self._residual(self._outputs(up, down, c), grad=True)  # (N, m)
-        gc = da.sum(0, dtype=torch.float64) if self.free_bias else torch.zeros_like(c)
-        gZ = (da.T @ self.rows).to(torch.float64)
-        return float(R.square().sum(dtype=torch.float64)) / self.N, gZ, gc
+        scale = 2.0 / self.N
+        gc = scale * da.sum(0).to(torch.float64) if self.free_bias else torch.zeros_like(c)
+        gZ = scale * (da.T @ self.rows).to(torch.float64)
+        return _total(R) / self.N, gZ, gc
+
+
+def _total(R: Tensor) -> float:
+    """``||R||_F^2`` of an ``(N, m)`` residual, summed in float64: in float32 each row's sum of
+    squares first (``m`` terms) and the row sums in float64, with no float64 copy of ``R``."""
+    if R.dtype == torch.float64:
+        return float(R.square().sum())
+    return float(torch.linalg.vecdot(R, R).sum(dtype=torch.float64))
 
 
 def _project(Z: Tensor, U: Tensor, step: float | None = None) -> tuple[Tensor, Tensor]:
