@@ -253,3 +253,28 @@ def test_a_shared_input_wave_computes_its_moments_once_with_the_same_result():
         torch.testing.assert_close(
             getattr(shared[0], name).weight, getattr(own[0], name).weight, rtol=1e-12, atol=1e-12
         )
+
+
+def test_only_layers_an_activation_follows_keep_sample_rows(monkeypatch):
+    """The activation-aware solve fits only layers followed by an activation; the others are
+    solved in closed form, so their waves keep no reservoir of paired rows."""
+    from torch_lowrank import corrective
+
+    torch.manual_seed(0)
+    model = tl.convert(
+        nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 4)), rank=3
+    )
+    data = [torch.randn(32, 8) for _ in range(3)]
+    tl.calibrate(model, data, progress=False)
+    kept = []
+    real = corrective.accumulate_wave
+
+    def recording(wave, runs, with_samples, *args):
+        paired = real(wave, runs, with_samples, *args)
+        kept.extend((m, pairs[0][1] is not None) for m, pairs in paired.items())
+        return paired
+
+    monkeypatch.setattr(corrective, "accumulate_wave", recording)
+    report = tl.recover_(model, data=data, progress=False)
+    assert kept == [(model[0], True), (model[2], False), (model[3], False)]
+    assert [layer.activation for layer in report.layers] == ["relu", "-", "-"]

@@ -99,6 +99,6 @@ def test_corrective_pairing_makes_no_sync_call(positions):
     runs = [lambda compressed, x=x: model(x) for x in batches]
     with SyncCounter() as counter:
         for layer in layers:
-            paired = accumulate_wave([layer], runs, with_samples=True, positions=positions)
+            paired = accumulate_wave([layer], runs, with_samples={layer}, positions=positions)
     assert dict(counter.syncs) == {}
     assert paired[layers[-1]][0][0].count == 8 * 20

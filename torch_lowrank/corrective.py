@@ -215,7 +215,12 @@ def corrective_plans(
                 runs = graph.runs()
             else:
                 runs = (_whole_model(model, b, forward_fn, mode, counts) for b in data)
-            needs_rows = method in ("relu", "nuclear")
+            needs_rows = {  # only a layer an activation follows gets an activation-aware fit
+                m
+                for m in wave
+                if method in ("relu", "nuclear")
+                and m.effective_activation(bool(fold[m])) is not None
+            }
             stop = all(m in once for m in wave)
             paired = accumulate_wave(wave, runs, needs_rows, clock, stop, positions)
             held_now = {id(t): t for pairs in paired.values() for pair in pairs for t in pair}
@@ -224,7 +229,7 @@ def corrective_plans(
             peak = max(peak, held + wave_bytes + cached)
             memory["block_cache_bytes"] = max(memory["block_cache_bytes"], cached)
             if world_size() > 1:  # every rank saw a shard: sum the pairs of all ranks
-                paired = {m: reduced(m, paired.get(m), needs_rows) for m in wave}
+                paired = {m: reduced(m, paired.get(m), m in needs_rows) for m in wave}
             for pairs in paired.values():  # the moments, computed once in the sums' memory
                 for cross, _ in pairs:
                     cross.freeze_()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 import torch
@@ -82,7 +82,7 @@ def original_width(module: nn.Module) -> int:
 def accumulate_wave(
     wave: list[nn.Module],
     runs: Iterable[Callable[[bool], Any]],
-    with_samples: bool,
+    with_samples: Container[nn.Module],
     clock: dict[str, float] | None = None,
     stop: bool = False,
     positions: int | None = None,
@@ -90,7 +90,9 @@ def accumulate_wave(
     """Pair the wave's inputs in the original and the compressed network, batch by batch.
 
     Each of ``runs`` runs one batch (through the whole model or through the wave's block) as
-    the original network (``run(False)``) or as the compressed one (``run(True)``). With
+    the original network (``run(False)``) or as the compressed one (``run(True)``). The modules
+    in ``with_samples`` (those an activation-aware solve will fit) also keep a reservoir of
+    ``[x~, x]`` rows. With
     ``stop`` (each module of the wave runs once per pass) a pass ends once the wave has its
     inputs. ``positions``: patch positions per image a conv pairs (``None``: all).
     ``clock["passes"]`` and ``clock["statistics"]`` receive the seconds spent.
@@ -99,7 +101,7 @@ def accumulate_wave(
         >>> import torch_lowrank as tl
         >>> layer = tl.LowRankLinear.from_linear(nn.Linear(6, 2), rank=1)
         >>> x = torch.randn(10, 6)
-        >>> paired = accumulate_wave([layer], [lambda compressed: layer(x)], False)
+        >>> paired = accumulate_wave([layer], [lambda compressed: layer(x)], ())
         >>> paired[layer][0][0].count, paired[layer][0][0].original_features
         (10, 2)
     """
@@ -128,7 +130,7 @@ def accumulate_wave(
                 paired[module] = [(copy.deepcopy(c), r) for c, r in paired[module]]
         for module in wave:
             n, groups, samples = module.matrix_shape[1], module.groups, module.observer.samples
-            keep = with_samples and samples > 0  # samples=0: the solve names the layer
+            keep = module in with_samples and samples > 0  # samples=0: the solve names it
             width = original_width(module)
             if module not in paired:
                 leader = next((o for o in paired if _same_inputs(o, module, inputs)), None)
@@ -213,7 +215,7 @@ def reduced(module: nn.Module, pairs: Pairs | None, with_samples: bool) -> Pairs
         ...                         rank=0, world_size=1)
         >>> layer = tl.LowRankLinear.from_linear(nn.Linear(6, 2), rank=1)
         >>> x = torch.randn(10, 6)
-        >>> pairs = accumulate_wave([layer], [lambda compressed: layer(x)], False)[layer]
+        >>> pairs = accumulate_wave([layer], [lambda compressed: layer(x)], ())[layer]
         >>> reduced(layer, pairs, False)[0][0].count
         10
         >>> dist.destroy_process_group()
