@@ -164,7 +164,8 @@ def test_onnx_export(digits, loaded, tmp_path):
 
 def test_merge_back(digits, loaded):
     """merge_ turns the low-rank layers back into plain nn.Linear layers with the dense
-    parameter count; outputs within 1e-5 of the low-rank model's."""
+    parameter count; outputs equal the low-rank model's up to float32 rounding: within 1e-6 of
+    the largest output (about 8 ulps; the two compute the same product in another order)."""
     _, _, x_test, _ = digits
     model = copy.deepcopy(loaded)
     with torch.no_grad():
@@ -175,7 +176,7 @@ def test_merge_back(digits, loaded):
     assert sum(p.numel() for p in merged.parameters()) == sum(
         p.numel() for p in digits_mlp().parameters()
     )
-    assert (got - expected).abs().max().item() < 1e-5
+    assert (got - expected).abs().max().item() < 1e-6 * expected.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])

@@ -51,14 +51,16 @@ def test_large_mean_keeps_covariance_accurate_in_float32():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_large_activations_do_not_overflow(dtype):
-    """Activations near float16's limit (x^2 overflows float16) give finite, correct statistics."""
+    """Activations near float16's limit (x^2 overflows float16) give finite, correct statistics:
+    equal to float64's up to float32 accumulation over 512 rows (bound ``512 eps`` = 3e-5
+    relative; the summation order, and so the rounding, depends on the CPU's vector width)."""
     torch.manual_seed(0)
     x = (torch.randn(512, 8) * 3e4).clamp(-6e4, 6e4).to(dtype)
     stats = CovarianceStats(8)
     stats.update(x)
     assert stats.is_finite()
     _, cov = reference(x.float())
-    torch.testing.assert_close(stats.covariance, cov, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(stats.covariance, cov, rtol=1e-4, atol=1e-3)
 
 
 def test_merge_equals_single_accumulator():
