@@ -36,7 +36,7 @@ from .memory import plan_bytes, shed_factors, solve_working_bytes, tensor_bytes
 from .model import FactorStandIn, module_names, stood_in, world_size
 from .options import Options
 from .pairing import accumulate_wave, device_of, reduced
-from .problem import Plan, plan_layer
+from .problem import Plan, fits_activation, plan_layer
 from .refine import BlockRefinement, RefineOptions, refine_cached_block
 
 __all__ = ["schedule", "corrective_plans"]
@@ -95,7 +95,7 @@ def solve_cost(module: nn.Module, method: str, fold: bool) -> float:
     iteration (200 iterations assumed), which dominates."""
     m, n = module.matrix_shape
     cost = module.groups * m * n * min(m, n)
-    if method in ("relu", "nuclear") and module.effective_activation(fold) is not None:
+    if fits_activation(method, module.effective_activation(fold)):
         cost += 200 * max(module.observer.samples, 1) * module.groups * m * n
     return float(cost)
 
@@ -216,10 +216,7 @@ def corrective_plans(
             else:
                 runs = (_whole_model(model, b, forward_fn, mode, counts) for b in data)
             needs_rows = {  # only a layer an activation follows gets an activation-aware fit
-                m
-                for m in wave
-                if method in ("relu", "nuclear")
-                and m.effective_activation(bool(fold[m])) is not None
+                m for m in wave if fits_activation(method, m.effective_activation(bool(fold[m])))
             }
             stop = all(m in once for m in wave)
             paired = accumulate_wave(wave, runs, needs_rows, clock, stop, positions)

@@ -37,7 +37,7 @@ from .solvers import Factors
 from .weighting import solve_weighted, weigh
 
 __all__ = ["GroupData", "LayerProblem", "Plan", "layer_problem", "layer_row", "plan_layer"]
-__all__ += ["solve"]
+__all__ += ["fits_activation", "solve"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,17 @@ class LayerProblem:
         return tuple(self.groups[0].weight.shape)
 
 
+def fits_activation(method: str, activation: Activation | None) -> bool:
+    """Whether ``method`` fits the activation after a layer (from its sample rows): ``relu`` and
+    ``nuclear`` do where an activation follows; every other layer gets its closed form.
+
+    Example:
+        >>> fits_activation("relu", None), fits_activation("linear", Activation("relu", abs, 1.0))
+        (False, False)
+    """
+    return method in ("relu", "nuclear") and activation is not None
+
+
 def _check_data(problem: LayerProblem, method: str) -> None:
     name = problem.name
     if method != "svd" and problem.seen == 0:
@@ -129,7 +140,7 @@ def _solve_group(
     problem: LayerProblem, group: GroupData, method: str, options: Options, rank, energy
 ):
     weight, bias = group.weight, group.bias
-    aware = method in ("relu", "nuclear") and problem.activation is not None
+    aware = fits_activation(method, problem.activation)
     if group.scale is not None and method != "svd" and not aware:  # weighted closed form
         plain = lambda seen: _solve_group(problem, seen, method, options, rank, energy)  # noqa: E731
         return solve_weighted(plain, group, problem.outputs, problem.corrective)
@@ -182,7 +193,7 @@ def solve(
     """
     options = make_options(method, options, where=problem.name)
     _check_data(problem, method)
-    aware = method in ("relu", "nuclear") and problem.activation is not None
+    aware = fits_activation(method, problem.activation)
     if aware and any(group.rows is None for group in problem.groups):
         raise ValueError(
             f"{problem.name}: method={method!r} needs sample rows, but the layer keeps none\n"
