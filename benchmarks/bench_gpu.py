@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 import torch_lowrank as tl
 from benchmarks.models import CharTransformer
+from torch_lowrank.model import low_rank_modules
 
 #: Calls whose result the host has to wait for: a value, a truth value, or a size that depends
 #: on the values (``nonzero`` and its relatives); ``tests/test_no_sync.py`` counts them too.
@@ -146,17 +147,10 @@ def _tensors(value, depth: int = 0):
             yield from _tensors(item, depth + 1)
 
 
-def _low_rank(model: nn.Module) -> list[nn.Module]:
-    kinds = (tl.LowRankLinear, tl.LowRankConv2d)
-    return [m for m in model.modules() if isinstance(m, kinds)]
-
-
 def off_device(model: nn.Module, device: torch.device) -> list[str]:
     """Where calibration state or parameters live elsewhere than ``device``."""
     found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (tl.LowRankLinear, tl.LowRankConv2d)):
-            continue
+    for module, (name, *_) in low_rank_modules(model).items():
         state = list(_tensors(module.observer.observation())) if module.calibrating else []
         state += list(module.parameters()) + list(module.buffers())
         found += [f"{name}: {t.device}" for t in state if t.device.type != device.type]
