@@ -231,3 +231,36 @@ def test_select_rank_errors():
         solvers.select_rank(torch.ones(3))
     with pytest.raises(ValueError, match=r"rank must be in \[1, 3\]\nbut got 4"):
         solvers.select_rank(torch.ones(3), rank=4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=layer_shapes,
+    rows=st.integers(2, 40),
+    seed=st.integers(0, 2**16),
+    paired=st.booleans(),
+    biases=st.booleans(),
+)
+def test_output_error_is_the_error_on_the_rows(shape, rows, seed, paired, biases):
+    """``output_error`` from moments equals ``mean || (T x + b) - (P x~ + c) ||^2`` measured on
+    the rows (``x~ = x`` unless paired), and the variance ``mean || T x - E T x ||^2``; both to
+    1e-9 of the scale ``1 + mean || T x ||^2 + mean || P x~ ||^2``."""
+    m, n = shape
+    g = torch.Generator().manual_seed(seed)
+    T, P = torch.randn(m, n, generator=g, dtype=f64), torch.randn(m, n, generator=g, dtype=f64)
+    x = torch.randn(rows, n, generator=g, dtype=f64) + torch.randn(n, generator=g, dtype=f64)
+    x_t = x + 0.3 * torch.randn(rows, n, generator=g, dtype=f64) if paired else x
+    b = torch.randn(m, generator=g, dtype=f64) if biases else None
+    c = torch.randn(m, generator=g, dtype=f64) if biases else None
+    mean, cov = moments(x)
+    pairs = None
+    if paired:
+        mean_t, cov_t = moments(x_t)
+        pairs = (mean_t, cov_t, (x_t - mean_t).T @ (x - mean) / rows)
+    error, variance = solvers.output_error(T, P, b, c, mean, cov, pairs)
+    y = x @ T.T + (0 if b is None else b)
+    y_hat = x_t @ P.T + (0 if c is None else c)
+    scale = 1 + (x @ T.T).square().sum(1).mean() + (x_t @ P.T).square().sum(1).mean()
+    assert error == pytest.approx((y - y_hat).square().sum(1).mean().item(), abs=1e-9 * scale)
+    centred = x @ T.T - (x @ T.T).mean(0)
+    assert variance == pytest.approx(centred.square().sum(1).mean().item(), abs=1e-9 * scale)

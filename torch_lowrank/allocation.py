@@ -23,11 +23,38 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .eigen import descending_eigh
 from .problem import LayerProblem
 from .quantize import Scheme
-from .solvers import output_spectrum
 
-__all__ = ["LayerBudget", "QuantizedError", "allocate", "budget_total", "spectrum"]
+__all__ = [
+    "LayerBudget",
+    "QuantizedError",
+    "allocate",
+    "budget_total",
+    "output_spectrum",
+    "spectrum",
+]
+
+
+def output_spectrum(weight: Tensor, cov: Tensor) -> Tensor:
+    """The descending eigenvalues of the output covariance ``W C W^T`` (``min(m, n)`` of them),
+    computed in the smaller of the two spaces: what :func:`linear` keeps and drops.
+
+    Example:
+        >>> w = torch.randn(6, 3, dtype=torch.float64)
+        >>> torch.allclose(output_spectrum(w, torch.eye(3, dtype=torch.float64)),
+        ...                torch.linalg.svdvals(w).square())
+        True
+    """
+    W = weight.detach().to(torch.float64)
+    cov = cov.to(device=W.device, dtype=torch.float64)
+    m, n = W.shape
+    if m <= n:
+        return torch.linalg.eigvalsh(W @ cov @ W.T).flip(0).clamp_min(0.0)
+    full = descending_eigh(cov)
+    half = full.vectors * full.values.sqrt()
+    return torch.linalg.eigvalsh(half.T @ (W.T @ W) @ half).flip(0).clamp_min(0.0)
 
 
 @dataclass

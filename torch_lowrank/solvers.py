@@ -26,7 +26,7 @@ from .eigen import Eigen, damped_solve, descending_eigh, subspace_is_cheaper, to
 
 __all__ = [
     "Factors", "relative_error", "select_rank", "svd", "linear", "linear_from_outputs",
-    "corrective", "output_error", "output_spectrum",
+    "corrective", "output_error",
 ]  # fmt: skip
 
 
@@ -118,45 +118,41 @@ def _leading(matrix: Tensor, rank: int | None, energy: float | None) -> Eigen:
     return Eigen(full.values, full.vectors[:, :r], rest=float(full.values[r:].sum()))
 
 
-def output_spectrum(weight: Tensor, cov: Tensor) -> Tensor:
-    """The descending eigenvalues of the output covariance ``W C W^T`` (``min(m, n)`` of them),
-    computed in the smaller of the two spaces: what :func:`linear` keeps and drops.
-
-    Example:
-        >>> w = torch.randn(6, 3, dtype=torch.float64)
-        >>> torch.allclose(output_spectrum(w, torch.eye(3, dtype=torch.float64)),
-        ...                torch.linalg.svdvals(w).square())
-        True
-    """
-    W = weight.detach().to(torch.float64)
-    cov = cov.to(device=W.device, dtype=torch.float64)
-    m, n = W.shape
-    if m <= n:
-        return torch.linalg.eigvalsh(W @ cov @ W.T).flip(0).clamp_min(0.0)
-    full = descending_eigh(cov)
-    half = full.vectors * full.values.sqrt()
-    return torch.linalg.eigvalsh(half.T @ (W.T @ W) @ half).flip(0).clamp_min(0.0)
-
-
 def output_error(
-    weight: Tensor,
+    target: Tensor,
+    predict: Tensor,
     bias: Tensor | None,
-    factors_up: Tensor,
-    factors_down: Tensor,
     new_bias: Tensor | None,
     mean: Tensor,
     cov: Tensor,
-) -> float:
-    """``E || (W x + b) - (up down x + c) ||^2`` for inputs of the given mean and covariance:
-    with ``D = W - up down``, ``tr(D C D^T) + || D mu + b - c ||^2``."""
-    W = weight.detach().to(torch.float64)
-    D = W - factors_up @ factors_down
-    offset = D @ mean
+    paired: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[float, float]:
+    """``E || (T x + b) - (P x~ + c) ||^2`` and the variance ``E || T x - E T x ||^2``, from the
+    moments of ``x`` (``x~ = x``; with ``D = T - P`` the error is ``tr(D C D^T) +
+    || D mu + b - c ||^2``) or, with ``paired = (mu~, C~, E[(x~ - mu~)(x - mu)^T])``, of the pairs.
+
+    Example:
+        >>> w, c = torch.randn(3, 4, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+        >>> error, variance = output_error(w, 0 * w, None, None, torch.zeros(4).double(), c)
+        >>> math.isclose(error, variance)  # nothing predicted: all the variance is lost
+        True
+    """
+    T = target.detach().to(torch.float64)
+    mean, cov = mean.to(T), cov.to(T)
+    variance = float(((T @ cov) * T).sum())
+    if paired is None:
+        D = T - predict
+        spread, offset = float(((D @ cov) * D).sum()), D @ mean
+    else:
+        mean_t, cov_t, cross = (t.to(T) for t in paired)
+        spread = variance - 2 * float(((T @ cross.T) * predict).sum())
+        spread += float(((predict @ cov_t) * predict).sum())
+        offset = T @ mean - predict @ mean_t
     if bias is not None:
-        offset = offset + bias.detach().to(torch.float64)
+        offset = offset + bias.detach().to(T)
     if new_bias is not None:
         offset = offset - new_bias
-    return float(((D @ cov) * D).sum() + offset.square().sum())
+    return max(spread + float(offset.square().sum()), 0.0), variance
 
 
 def svd(
@@ -194,8 +190,7 @@ def svd(
         error = float(torch.trace(lost_cov) + lost_mean.square().sum())
         variance = float(torch.trace(cov))
     elif mean is not None and cov is not None:
-        error = output_error(W, bias, up, down, new_bias, mean, cov)
-        variance = float(((W @ cov) * W).sum())
+        error, variance = output_error(W, up @ down, bias, new_bias, mean, cov)
     return Factors(up, down, new_bias, error, variance, S.square())
 
 

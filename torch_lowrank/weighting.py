@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import batchnorm_affine
-from .solvers import Factors
+from .solvers import Factors, output_error
 
 __all__ = ["DEFAULT_DAMPING", "FisherWeighting", "output_scale", "solve_weighted", "weigh"]
 
@@ -121,33 +121,10 @@ def solve_weighted(
         predict = up @ down if corrective else S_inv @ fit.up @ (fit.up.T @ S)
     else:
         target, predict = W, up @ down
-    error, variance = _plain_error(group, target, predict, b, bias, corrective)
+    paired = (group.mean_tilde, group.cov_tilde, group.cross) if corrective else None
+    error, variance = output_error(target, predict, b, bias, group.mean, group.cov, paired)
     info = {**fit.info, "weighted": True}
     return Factors(up, down, bias, error, variance, fit.spectrum, info)
-
-
-def _plain_error(
-    group: Any, target: Tensor, predict: Tensor, b: Tensor | None, c: Tensor | None,
-    corrective: bool,
-) -> tuple[float, float]:  # fmt: skip
-    """``E || (T x + b) - (P x~ + c) ||^2`` and ``E || T x - E T x ||^2`` from the moments
-    (``x~ = x`` unless corrective)."""
-    dtype, device = torch.float64, target.device
-    mean, cov = group.mean.to(device, dtype), group.cov.to(device, dtype)
-    if corrective:
-        mean_t, cov_t = group.mean_tilde.to(device, dtype), group.cov_tilde.to(device, dtype)
-        cross = group.cross.to(device, dtype)  # E[(x~ - mu~)(x - mu)^T]
-    else:
-        mean_t, cov_t, cross = mean, cov, cov
-    variance = float(((target @ cov) * target).sum())
-    spread = variance - 2 * float(((target @ cross.T) * predict).sum())
-    spread += float(((predict @ cov_t) * predict).sum())
-    offset = target @ mean - predict @ mean_t
-    if b is not None:
-        offset = offset + b
-    if c is not None:
-        offset = offset - c
-    return max(spread + float(offset.square().sum()), 0.0), variance
 
 
 def weigh(problem: Any, module: nn.Module, fisher: Tensor, damping: float) -> Any:
