@@ -27,6 +27,7 @@ every rank the same number of calibration batches.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -99,12 +100,24 @@ def owners(costs: Sequence[float]) -> list[int]:
     return owner
 
 
+@dataclass(frozen=True)
+class _GroupMeta:
+    """One group's factors without their tensors: what travels as a Python object."""
+
+    rank: int
+    has_bias: bool
+    error: float
+    variance: float
+    info: dict
+    spectrum_length: int
+
+
 def _metadata(plan: Plan) -> dict:
     """A plan without its tensors: what travels as a Python object."""
     if plan.factors is None:
         return {"dense": plan}
     groups = [
-        (f.rank, f.bias is not None, f.error, f.variance, f.info, f.spectrum.shape[0])
+        _GroupMeta(f.rank, f.bias is not None, f.error, f.variance, f.info, f.spectrum.shape[0])
         for f in plan.factors
     ]
     shape = (plan.factors[0].up.shape[0], plan.factors[0].down.shape[1])
@@ -176,19 +189,23 @@ def solve_shared(
         m, n = meta["shape"]
         device = device_of(module)
         factors = []
-        for j, (r, has_bias, err, variance, info, length) in enumerate(meta["groups"]):
+        for j, group in enumerate(meta["groups"]):
             if who == rank:
                 f = plans[module].factors[j]
-                tensors = [f.up, f.down, f.spectrum] + ([f.bias] if has_bias else [])
+                tensors = [f.up, f.down, f.spectrum] + ([f.bias] if group.has_bias else [])
                 tensors = [t.to(torch.float64).contiguous() for t in tensors]
             else:
-                shapes = [(m, r), (r, n), (length,)] + ([(m,)] if has_bias else [])
+                r = group.rank
+                shapes = [(m, r), (r, n), (group.spectrum_length,)]
+                shapes += [(m,)] if group.has_bias else []
                 tensors = [torch.empty(s, dtype=torch.float64, device=device) for s in shapes]
             for tensor in tensors:
                 dist.broadcast(tensor, src=who)
             up, down, spectrum = tensors[:3]
-            bias = tensors[3] if has_bias else None
-            factors.append(Factors(up, down, bias, err, variance, spectrum, info))
+            bias = tensors[3] if group.has_bias else None
+            factors.append(
+                Factors(up, down, bias, group.error, group.variance, spectrum, group.info)
+            )
         if who != rank:
             layers = module.factor_layers(factors)
             plans[module] = Plan(factors, layers, meta["seconds"], meta["folded"])
