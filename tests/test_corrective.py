@@ -271,7 +271,7 @@ def test_only_layers_an_activation_follows_keep_sample_rows(monkeypatch):
 
     def recording(wave, runs, with_samples, *args):
         paired = real(wave, runs, with_samples, *args)
-        kept.extend((m, pairs[0][1] is not None) for m, pairs in paired.items())
+        kept.extend((m, pairs[0].rows is not None) for m, pairs in paired.items())
         return paired
 
     monkeypatch.setattr(corrective, "accumulate_wave", recording)

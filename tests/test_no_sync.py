@@ -101,4 +101,4 @@ def test_corrective_pairing_makes_no_sync_call(positions):
         for layer in layers:
             paired = accumulate_wave([layer], runs, with_samples={layer}, positions=positions)
     assert dict(counter.syncs) == {}
-    assert paired[layers[-1]][0][0].count == 8 * 20
+    assert paired[layers[-1]][0].moments.count == 8 * 20

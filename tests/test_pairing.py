@@ -160,11 +160,12 @@ def test_a_wave_pairs_the_sampled_positions_and_narrowing_layers_with_w_x():
     x = torch.randn(5, 3, 8, 8)  # 36 positions per image
     runs = [lambda compressed, x=x: model(x)] * 2
     paired = accumulate_wave([model[0]], runs, with_samples={model[0]}, positions=10)
-    (cross, reservoir), = paired[model[0]]  # fmt: skip
+    (group,) = paired[model[0]]
+    cross, reservoir = group.moments, group.rows
     assert cross.count == 2 * 5 * 10 and reservoir.count == 2 * 5 * 10
     assert cross.original_features == 4 and cross.cross.shape == (27, 4)
     paired = accumulate_wave([model[2]], runs, with_samples=(), positions=10)
-    assert paired[model[2]][0][0].original_features == 4  # widening: pairs with x
+    assert paired[model[2]][0].moments.original_features == 4  # widening: pairs with x
 
 
 @pytest.mark.parametrize("where", ["compress", "recover_"])

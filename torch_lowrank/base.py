@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import solvers
 from .activations import Activation, resolve_activation
-from .cross import CrossStats
+from .cross import PairedGroup
 from .hooks import Hook, HookLedger
 from .observer import BatchGate, Observation, Observer, group_parts
 from .problem import LayerProblem, layer_problem, layer_row, solve
@@ -291,7 +291,7 @@ class LowRankModule(nn.Module):
         fold: bool = False,
         rank: int | None = None,
         observation: Observation | None = None,
-        paired: list[tuple[CrossStats, Reservoir | None]] | None = None,
+        paired: list[PairedGroup] | None = None,
         samples: bool = True,
     ) -> LayerProblem:
         """The layer's recovery problem as frozen tensors, for

@@ -220,16 +220,17 @@ def corrective_plans(
             }
             stop = all(m in once for m in wave)
             paired = accumulate_wave(wave, runs, needs_rows, clock, stop, positions)
-            held_now = {id(t): t for pairs in paired.values() for pair in pairs for t in pair}
-            wave_bytes = sum(t.nbytes for t in held_now.values() if t is not None)
+            groups = [group for pairs in paired.values() for group in pairs]
+            held_now = {id(t): t for g in groups for t in (g.moments, g.rows) if t is not None}
+            wave_bytes = sum(t.nbytes for t in held_now.values())
             cached = cache.nbytes + (0 if graph is None else graph.nbytes)
             peak = max(peak, held + wave_bytes + cached)
             memory["block_cache_bytes"] = max(memory["block_cache_bytes"], cached)
             if world_size() > 1:  # every rank saw a shard: sum the pairs of all ranks
                 paired = {m: reduced(m, paired.get(m), m in needs_rows) for m in wave}
             for pairs in paired.values():  # the moments, computed once in the sums' memory
-                for cross, _ in pairs:
-                    cross.freeze_()
+                for group in pairs:
+                    group.moments.freeze_()
             started = time.perf_counter()
 
             def solve(module: nn.Module, paired=paired) -> Plan:
@@ -244,7 +245,7 @@ def corrective_plans(
             clock["solves"] += time.perf_counter() - started
             for module in wave:
                 if module in paired:
-                    frozen = sum(cross.nbytes for cross, _ in paired[module])
+                    frozen = sum(group.moments.nbytes for group in paired[module])
                     estimate = frozen + solve_working_bytes(*module.matrix_shape, module.groups)
                     memory["solve_bytes"] = max(memory["solve_bytes"], estimate)
             del solve, paired  # the wave's statistics go before the next wave's arrive

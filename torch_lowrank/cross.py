@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._grad import no_grad
+from .reservoir import Reservoir
 from .stats import CovarianceStats, shifted_product
 
 __all__ = ["CrossStats", "PairedMoments"]
@@ -47,6 +48,16 @@ class PairedMoments:
     def is_finite(self) -> bool:
         held = (self.mean_tilde, self.covariance_tilde, self.mean, self.covariance, self.cross)
         return all(bool(torch.isfinite(t).all()) for t in held)
+
+
+@dataclass
+class PairedGroup:
+    """One group of a layer in corrective recovery: ``moments``, the streaming moments of its
+    ``(x~, x)`` pairs, and ``rows``, a reservoir of ``[x~, x]`` rows (``None`` for a layer the
+    closed forms solve, which need no rows)."""
+
+    moments: CrossStats
+    rows: Reservoir | None = None
 
 
 class CrossStats:

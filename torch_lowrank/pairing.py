@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .cross import CrossStats
+from .cross import CrossStats, PairedGroup
 from .linear import LowRankLinear
 from .observer import group_parts
 from .reservoir import Reservoir
@@ -32,7 +32,7 @@ from .reservoir import Reservoir
 __all__ = ["Pairs", "accumulate_wave", "device_of", "original_width", "reduced"]
 
 #: Per group of a layer: its paired moments and its reservoir of ``[x~, x]`` rows (or ``None``).
-Pairs = list[tuple[CrossStats, Reservoir | None]]
+Pairs = list[PairedGroup]
 
 
 class _WaveCaptured(Exception):
@@ -102,7 +102,7 @@ def accumulate_wave(
         >>> layer = tl.LowRankLinear.from_linear(nn.Linear(6, 2), rank=1)
         >>> x = torch.randn(10, 6)
         >>> paired = accumulate_wave([layer], [lambda compressed: layer(x)], ())
-        >>> paired[layer][0][0].count, paired[layer][0][0].original_features
+        >>> paired[layer][0].moments.count, paired[layer][0].moments.original_features
         (10, 2)
     """
     paired: dict[nn.Module, Pairs] = {}
@@ -127,7 +127,9 @@ def accumulate_wave(
         for module, leader in list(leaders.items()):  # inputs that part: the state so far, copied
             if not _same_inputs(leader, module, inputs):
                 del leaders[module]
-                paired[module] = [(copy.deepcopy(c), r) for c, r in paired[module]]
+                paired[module] = [
+                    PairedGroup(copy.deepcopy(g.moments), g.rows) for g in paired[module]
+                ]
         for module in wave:
             n, groups, samples = module.matrix_shape[1], module.groups, module.observer.samples
             keep = module in with_samples and samples > 0  # samples=0: the solve names it
@@ -137,8 +139,8 @@ def accumulate_wave(
                 if leader is not None:
                     leaders[module] = leader
                 paired[module] = [
-                    (
-                        paired[leader][j][0]
+                    PairedGroup(
+                        paired[leader][j].moments
                         if leader is not None
                         else CrossStats(n, module.offload, original_features=width),
                         Reservoir(samples, module.offload) if keep else None,
@@ -154,14 +156,14 @@ def accumulate_wave(
                 for rows, rows_tilde in module.paired_rows(x, x_tilde, positions):
                     parts = zip(group_parts(rows, n, groups), group_parts(rows_tilde, n, groups))
                     for j, (part, part_tilde) in enumerate(parts):
-                        cross, reservoir = paired[module][j]
+                        group = paired[module][j]
                         if not shared:
                             original = part
                             if module in products:
                                 original = _products(part, products[module], j)
-                            cross.update(part_tilde, original)
-                        if reservoir is not None:
-                            reservoir.update(torch.cat([part_tilde, part], 1))
+                            group.moments.update(part_tilde, original)
+                        if group.rows is not None:
+                            group.rows.update(torch.cat([part_tilde, part], 1))
         clock["statistics"] += time.perf_counter() - passed
     return paired
 
@@ -216,16 +218,17 @@ def reduced(module: nn.Module, pairs: Pairs | None, with_samples: bool) -> Pairs
         >>> layer = tl.LowRankLinear.from_linear(nn.Linear(6, 2), rank=1)
         >>> x = torch.randn(10, 6)
         >>> pairs = accumulate_wave([layer], [lambda compressed: layer(x)], ())[layer]
-        >>> reduced(layer, pairs, False)[0][0].count
+        >>> reduced(layer, pairs, False)[0].moments.count
         10
         >>> dist.destroy_process_group()
     """
     n, device = module.matrix_shape[1], device_of(module)
     out = []
     for j in range(module.groups):
-        cross, reservoir = pairs[j] if pairs is not None else (None, None)
-        merged = CrossStats.all_reduce(cross, n, device, original_width(module))
+        moments = None if pairs is None else pairs[j].moments  # None: this rank saw no data
+        rows = None if pairs is None else pairs[j].rows
+        merged = CrossStats.all_reduce(moments, n, device, original_width(module))
         if with_samples and module.observer.samples:
-            reservoir = Reservoir.all_reduce(reservoir, module.observer.samples, 2 * n, device)
-        out.append((merged, reservoir))
+            rows = Reservoir.all_reduce(rows, module.observer.samples, 2 * n, device)
+        out.append(PairedGroup(merged, rows))
     return out

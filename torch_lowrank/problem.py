@@ -27,12 +27,11 @@ from torch import Tensor, nn
 
 from . import projected, solvers
 from .activations import Activation, folded_scale, layer_weights
-from .cross import CrossStats
+from .cross import PairedGroup
 from .nuclear import nuclear, pad_rank
 from .observer import Observation
 from .options import Options, make_options
 from .report import LayerReport
-from .reservoir import Reservoir
 from .solvers import Factors
 from .weighting import solve_weighted, weigh
 
@@ -253,7 +252,7 @@ def plan_layer(
     fold: bool = False,
     rank: int | None = None,
     observation: Observation | None = None,
-    paired: list[tuple[CrossStats, Reservoir | None]] | None = None,
+    paired: list[PairedGroup] | None = None,
     weighting: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Solve one calibrating layer without changing it (see
@@ -319,7 +318,7 @@ def layer_problem(
     fold: bool = False,
     rank: int | None = None,
     observation: Observation | None = None,
-    paired: list[tuple[CrossStats, Reservoir | None]] | None = None,
+    paired: list[PairedGroup] | None = None,
     samples: bool = True,
 ) -> LayerProblem:
     """The layer's recovery problem as frozen tensors (nothing of the module is kept).
@@ -347,7 +346,7 @@ def layer_problem(
     groups = []
     for j, (weight, bias) in enumerate(weights):
         if paired is not None:
-            cross, reservoir = paired[j]
+            cross, reservoir = paired[j].moments, paired[j].rows
             both = None if reservoir is None else reservoir.rows  # (k, 2n): [x~, x]
             mean, cov, joint = cross.mean, cross.covariance, cross.cross
             if cross.original_features != n and fold and module.folded_batchnorm:
@@ -366,7 +365,7 @@ def layer_problem(
         else:
             data = GroupData(weight, bias)
         groups.append(data)
-    seen = paired[0][0].count if paired is not None else seen_as.samples_seen
+    seen = paired[0].moments.count if paired is not None else seen_as.samples_seen
     energy = module.energy if rank is None else None
     return LayerProblem(
         name=module.layer_name,
@@ -377,7 +376,7 @@ def layer_problem(
         activation=module.effective_activation(fold),
         outputs=seen_as.space == "output"
         if paired is None
-        else paired[0][0].original_features != n,
+        else paired[0].moments.original_features != n,
         corrective=paired is not None,
         seen=seen,
         folded=bool(fold and module.folded_batchnorm),
