@@ -39,7 +39,8 @@ __all__ = [
 
 def output_spectrum(weight: Tensor, cov: Tensor) -> Tensor:
     """The descending eigenvalues of the output covariance ``W C W^T`` (``min(m, n)`` of them),
-    computed in the smaller of the two spaces: what :func:`linear` keeps and drops.
+    computed in the smaller of the two spaces: what :func:`~torch_lowrank.solvers.linear` keeps
+    and drops.
 
     Example:
         >>> w = torch.randn(6, 3, dtype=torch.float64)

@@ -24,7 +24,7 @@ from ._grad import no_grad
 from .reservoir import Reservoir
 from .stats import CovarianceStats, shifted_product
 
-__all__ = ["CrossStats", "PairedMoments"]
+__all__ = ["CrossStats", "PairedGroup", "PairedMoments"]
 
 
 @dataclass
