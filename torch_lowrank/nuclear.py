@@ -16,7 +16,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .projected import Problem, minimise, result
+from .descent import Iterate, minimise, result
+from .projected import Problem
 from .solvers import Factors
 
 __all__ = ["nuclear", "pad_rank"]
@@ -87,7 +88,7 @@ def nuclear(
             max_iter,
             tol,
         )
-        before = (f_start + weight_ * norm_start, f_start)
+        before = Iterate(*state, value=f_start + weight_ * norm_start, data=f_start)
         info = {"activation": "relu", "lam": weight_}
         return result(problem, start, best, before, iterations, info)
 

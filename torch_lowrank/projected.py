@@ -19,36 +19,30 @@ last move (a local curvature estimate along it), starting from ``1/L`` (``L`` = 
 eigenvalue of ``(1/N) [X, 1]^T [X, 1]`` times the squared ``max(1, max_slope)`` of the
 activation) and shortened until the objective falls enough below the worst of the last few
 values: on the layers of the benchmark models it reaches in 30 iterations a lower objective
-than 200 steps of ``1/L``. A
-``torch.optim``-style optimizer may replace the plain step. :class:`Problem`, :func:`minimise`
-and :func:`result` are shared with the nuclear-norm variant (:mod:`torch_lowrank.nuclear`). The
-best iterate is kept: nothing returned is worse than its start or NaN. All work is on the weight's
-device, in float64, except that a large layer's products (``N m n >= 2^24``) run in float32
-with the objective summed in float64.
+than 200 steps of ``1/L``. A ``torch.optim``-style optimizer may replace the plain step.
+:class:`Problem` and the loop (:mod:`torch_lowrank.descent`) are shared with the nuclear-norm
+variant (:mod:`torch_lowrank.nuclear`). The best iterate is kept: nothing returned is worse than
+its start or NaN. All work is on the weight's device, in float64, except that a large layer's
+products (``N m n >= 2^24``) run in float32 with the objective summed in float64.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
 from .activations import ACTIVATIONS, Activation, max_slope, resolve_activation
+from .descent import Iterate, minimise, result
 from .solvers import Factors
 
-__all__ = ["Problem", "activation_aware", "minimise", "objective", "result"]
+__all__ = ["Problem", "activation_aware", "objective"]
 
 #: What ``activation`` may be: an :class:`~torch_lowrank.activations.Activation`, one of its names
 #: in :data:`~torch_lowrank.activations.ACTIVATIONS`, or an elementwise callable.
 ActivationSpec = Union[Activation, str, Callable[[Tensor], Tensor]]
 
-_WINDOW = 10  # stop when the best objective improved by < tol (relative) over this many steps
-_BACKTRACKS = 30  # at most this many quarterings of one step
-_MEMORY = 5  # a step must improve on the worst of this many last objective values
-_SUFFICIENT = 1e-4  # ... by this fraction of its length squared over twice the step
-_STEP_RANGE = 1e3  # steps stay within [1 / (1e3 L), 1e3 / L]
 _FLOAT32_FROM = 2**24  # N m n from which the iterations' products run in float32
 
 
@@ -213,95 +207,6 @@ def _project(Z: Tensor, U: Tensor, step: float | None = None) -> tuple[Tensor, T
     return U, U.T @ Z
 
 
-def minimise(problem, state, prox, penalty, max_iter, tol, optimizer=None, lr=None):
-    """Minimise ``f + penalty`` from ``state = (up, down, c)``; returns the best iterate.
-
-    Default step: a gradient step then ``prox``, its size the Barzilai-Borwein step of the last
-    move (``<s, s> / <s, y>``, ``s`` the change of ``(Z, c)`` and ``y`` of the gradient; ``1/L``
-    first), quartered until the objective falls below the worst of the last :data:`_MEMORY`
-    values by a sufficient amount (non-monotone; the best iterate is kept). With
-    ``optimizer``: its step, then ``prox``.
-    Returns ``(best, iterations)`` with ``best = (value, data_term, up, down, c)``.
-    """
-    up, down, c = state
-    f, gZ, gc = problem.value_and_grad(up, down, c)
-    current = f + penalty(down)
-    best, history, iterations = (current, f, up, down, c), [current], 0
-    if not math.isfinite(current):
-        return best, 0
-    if optimizer is not None:
-        Z = (up @ down).clone().requires_grad_(True)
-        bias = c.clone().requires_grad_(True)
-        opt = optimizer([Z, bias], lr=lr)
-    L = problem.lipschitz
-    step, recent = 1.0 / L, [current]
-    for _ in range(max_iter):
-        if optimizer is None:
-            Z0 = up @ down
-            reference = max(recent[-_MEMORY:])  # non-monotone: the worst of the last few
-            for _ in range(_BACKTRACKS):
-                new_up, new_down = prox(Z0 - step * gZ, up, step)
-                new_c = c - step * gc
-                new_f, new_gZ, new_gc = problem.value_and_grad(new_up, new_down, new_c)
-                value = new_f + penalty(new_down)
-                sZ, sc = new_up @ new_down - Z0, new_c - c
-                moved = float(sZ.square().sum() + sc.square().sum())
-                allowed = reference - _SUFFICIENT / (2.0 * step) * moved
-                if not value > allowed or value - allowed <= 1e-13 * abs(reference):
-                    break  # accepted, non-finite, or equal up to rounding
-                step /= 4.0
-            if not value <= reference + 1e-13 * abs(reference):  # no step is good enough
-                break
-            # Barzilai-Borwein: the step that fits the gradient's change along the last move
-            curvature = float((sZ * (new_gZ - gZ)).sum() + (sc * (new_gc - gc)).sum())
-            step = moved / curvature if curvature > 0 else _STEP_RANGE / L
-            step = min(max(step, 1.0 / (_STEP_RANGE * L)), _STEP_RANGE / L)
-        else:
-            Z.grad, bias.grad = gZ, gc
-            opt.step()
-            if not (torch.isfinite(Z).all() and torch.isfinite(bias).all()):
-                break
-            with torch.no_grad():
-                new_up, new_down = prox(Z, up, None)
-                Z.copy_(new_up @ new_down)
-            new_c = bias.detach().clone()
-            new_f, new_gZ, new_gc = problem.value_and_grad(new_up, new_down, new_c)
-            value = new_f + penalty(new_down)
-        if not math.isfinite(value):
-            break
-        iterations += 1
-        up, down, c, gZ, gc, current = new_up, new_down, new_c, new_gZ, new_gc, value
-        recent.append(current)
-        if current < best[0]:
-            best = (current, new_f, up, down, c)
-        history.append(best[0])
-        if best[0] <= 0.0 or (
-            len(history) > _WINDOW
-            and history[-1 - _WINDOW] - best[0] <= tol * abs(history[-1 - _WINDOW])
-        ):
-            break
-    return best, iterations
-
-
-def result(problem, start, best, before, iterations, info) -> Factors:
-    """The :class:`~torch_lowrank.solvers.Factors` of ``best`` (from :func:`minimise`);
-    ``before = (objective, data term)`` at ``start``, which comes back if nothing improved."""
-    value, data, up, down, c = best
-    if not value < before[0]:
-        (value, data), (up, down, c) = before, problem.start(start)
-    if down.shape[0] == 0:  # everything was thresholded away: keep one (zero) direction
-        up = problem.float64(torch.eye(problem.shape[0], 1))
-        down = problem.float64(torch.zeros(1, problem.shape[1]))
-    info = {
-        "iterations": iterations,
-        "objective_before": before[0],
-        "objective_after": value,
-        **info,
-    }
-    bias = c if problem.free_bias else None
-    return Factors(up, down, bias, data, problem.variance, start.spectrum, info)
-
-
 def objective(
     weight: Tensor,
     bias: Tensor | None,
@@ -387,11 +292,10 @@ def activation_aware(
         raise ValueError(f"expected max_iter >= 0 and tol >= 0\nbut got {max_iter}, {tol}")
     problem = Problem(weight, bias, rows, target_rows, activation)
     state = problem.start(start)
-    before = problem.value(*state)
+    value = problem.value(*state)
     zero = lambda down: 0.0  # noqa: E731
     best, k = minimise(
         problem, problem.release_dead(*state), _project, zero, max_iter, tol, optimizer, lr
     )
-    return result(
-        problem, start, best, (before, before), k, {"activation": problem.activation.name}
-    )
+    before = Iterate(*state, value=value, data=value)
+    return result(problem, start, best, before, k, {"activation": problem.activation.name})
