@@ -1,9 +1,8 @@
 """What every low-rank module shares: the two phases, exporting a problem, installing factors.
 
 1. *calibrating* (built by ``from_linear`` / ``from_conv2d`` / ...): the module holds the original
-   dense layer as ``dense`` and forward is exactly that layer. Its
-   :class:`~torch_lowrank.observer.Observer` (``module.observer``) watches the inputs through
-   hooks and owns the statistics and the reservoir.
+   dense layer as ``dense`` and forward is exactly that layer. Its ``observer`` (an
+   :class:`~torch_lowrank.observer.Observer`, fed by hooks) owns the statistics and reservoir.
 2. *recovered* (after ``install_``): the module holds two factor layers, ``down`` (inputs to
    ``r``) and ``up`` (``r`` to outputs, with the bias); the dense layer and the observer are gone.
 
@@ -33,7 +32,8 @@ from .activations import Activation, resolve_activation
 from .cross import PairedGroup
 from .hooks import Hook, HookLedger
 from .observer import BatchGate, Observation, Observer, group_parts
-from .problem import LayerProblem, layer_problem, layer_row, solve
+from .plan import layer_problem, layer_row
+from .problem import LayerProblem, solve
 from .ranks import target_rank
 from .report import LayerReport
 from .reservoir import Reservoir
@@ -295,7 +295,7 @@ class LowRankModule(nn.Module):
         samples: bool = True,
     ) -> LayerProblem:
         """The layer's recovery problem as frozen tensors, for
-        :func:`~torch_lowrank.problem.solve` (see :func:`~torch_lowrank.problem.layer_problem`
+        :func:`~torch_lowrank.problem.solve` (see :func:`~torch_lowrank.plan.layer_problem`
         for the arguments).
 
         Example:

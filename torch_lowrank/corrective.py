@@ -36,7 +36,8 @@ from .memory import plan_bytes, shed_factors, solve_working_bytes, tensor_bytes
 from .model import FactorStandIn, module_names, stood_in, world_size
 from .options import Options
 from .pairing import accumulate_wave, device_of, reduced
-from .problem import Plan, fits_activation, plan_layer
+from .plan import Plan, plan_layer
+from .problem import fits_activation
 from .refine import BlockRefinement, RefineOptions, refine_cached_block
 
 __all__ = ["schedule", "corrective_plans"]

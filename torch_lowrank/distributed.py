@@ -36,7 +36,7 @@ from torch import nn
 
 from .model import progress_bar, world_size
 from .observer import Observation
-from .problem import Plan
+from .plan import Plan
 from .reservoir import Reservoir
 from .solvers import Factors
 from .stats import CovarianceStats
@@ -151,7 +151,7 @@ def solve_shared(
 ) -> dict[Any, Plan]:
     """Solve ``modules`` split across the ranks and share the plans with every rank.
 
-    ``solve(module)`` returns a :class:`~torch_lowrank.problem.Plan`; a plan received from
+    ``solve(module)`` returns a :class:`~torch_lowrank.plan.Plan`; a plan received from
     another rank gets its layers from ``module.factor_layers``. If any rank fails, every rank
     raises.
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .problem import Plan
+from .plan import Plan
 
 __all__ = ["tensor_bytes", "solve_working_bytes", "plan_bytes", "shed_factors"]
 
@@ -68,7 +68,7 @@ def shed_factors(plan: Plan) -> Plan:
     Example:
         >>> from torch_lowrank import LowRankLinear
         >>> from torch_lowrank.options import make_options
-        >>> from torch_lowrank.problem import plan_layer
+        >>> from torch_lowrank.plan import plan_layer
         >>> layer = LowRankLinear.from_linear(torch.nn.Linear(8, 6), rank=2)
         >>> _ = layer(torch.randn(32, 8))
         >>> plan = shed_factors(plan_layer(layer, "linear", make_options("linear")))

@@ -2,7 +2,7 @@
 
 :func:`recover_` settles what follows each layer (the activation observed on the first forward,
 or the static answer), finds the BatchNorms to fold, chooses global ranks when asked, and solves
-every layer into a :class:`~torch_lowrank.problem.Plan`, in parallel from each layer's own
+every layer into a :class:`~torch_lowrank.plan.Plan`, in parallel from each layer's own
 statistics or correctively (:mod:`torch_lowrank.corrective`). Only when every plan is ready are
 they written: factors installed, folded BatchNorms replaced, layers without data put back dense.
 Every pass over data runs in eval mode and gives the caller's modes back.
@@ -40,7 +40,8 @@ from .model import (
 from .observer import Observation
 from .options import POSITIONS, Options, check_positions, make_options, make_spec
 from .pairing import device_of
-from .problem import LayerProblem, Plan, layer_row, plan_layer
+from .plan import Plan, layer_row, plan_layer
+from .problem import LayerProblem
 from .quantize import SCHEMES, check_runs, quantize_layers_
 from .refine import RefineOptions
 from .report import LayerReport, Report

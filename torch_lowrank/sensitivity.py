@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .model import module_names, stood_in, world_size
 from .observer import Observation
 from .options import LinearOptions
-from .problem import plan_layer
+from .plan import plan_layer
 from .ranks import target_rank
 from .settings import GlobalAllocation
 from .solvers import relative_error
