@@ -207,7 +207,14 @@ def _push(heap, index, layer, rank, top, gains, round_to, budget) -> None:
 
 
 def budget_total(ranks: dict[str, int | None], layers: list[LayerBudget], budget: str) -> int:
-    """The cost of an allocation (dense layers in full)."""
+    """The cost of an allocation (dense layers in full).
+
+    Example:
+        >>> layers = [LayerBudget("a", (8, 8), torch.ones(8)),
+        ...           LayerBudget("b", (8, 4), torch.ones(4))]
+        >>> budget_total({"a": 2, "b": None}, layers, "params")  # 2 (8 + 8) + 8 x 4
+        64
+    """
     by_name = {layer.name: layer for layer in layers}
     return sum(
         by_name[name].dense_cost(budget) if r is None else r * by_name[name].unit_cost(budget)

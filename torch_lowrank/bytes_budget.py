@@ -145,7 +145,13 @@ def allocate_bytes(layers: list[LayerBudget], ratio: float, round_to: int = 1) -
 
 
 def bytes_total(choices: dict[str, Choice], layers: list[LayerBudget]) -> float:
-    """The bytes of a byte-budget allocation (as :func:`allocate_bytes` counts them)."""
+    """The bytes of a byte-budget allocation (as :func:`allocate_bytes` counts them).
+
+    Example:
+        >>> layers = [LayerBudget("a", (8, 8), torch.ones(8))]  # float32 weights, no scheme
+        >>> bytes_total({"a": Choice(2)}, layers)  # 2 (8 + 8) weights of 4 bytes
+        128.0
+    """
     by_name = {layer.name: layer for layer in layers}
     total = 0.0
     for name, choice in choices.items():

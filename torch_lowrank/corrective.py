@@ -93,7 +93,14 @@ def schedule(
 def solve_cost(module: nn.Module, method: str, fold: bool) -> float:
     """A layer's solve cost estimate, for sharing solves between ranks: ``groups m n min(m, n)``
     for a closed form; an activation-aware solve adds ``groups m n`` per reservoir row and
-    iteration (200 iterations assumed), which dominates."""
+    iteration (200 iterations assumed), which dominates.
+
+    Example:
+        >>> from torch_lowrank import LowRankLinear
+        >>> layer = LowRankLinear.from_linear(nn.Linear(8, 4), rank=2, samples=16)
+        >>> solve_cost(layer, "linear", fold=False)  # 4 x 8 x 4; no activation follows
+        128.0
+    """
     m, n = module.matrix_shape
     cost = module.groups * m * n * min(m, n)
     if fits_activation(method, module.effective_activation(fold)):
@@ -102,7 +109,16 @@ def solve_cost(module: nn.Module, method: str, fold: bool) -> float:
 
 
 def held_bytes(module: nn.Module) -> int:
-    """Memory held by a calibrating module's first-pass statistics and reservoirs, in bytes."""
+    """Memory held by a calibrating module's first-pass statistics and reservoirs, in bytes.
+
+    Example:
+        >>> from torch_lowrank import LowRankLinear
+        >>> layer = LowRankLinear.from_linear(nn.Linear(8, 4), rank=2)
+        >>> before = held_bytes(layer)
+        >>> _ = layer(torch.randn(16, 8))
+        >>> before, held_bytes(layer) > 0
+        (0, True)
+    """
     return module.observer.observation().nbytes
 
 
@@ -154,7 +170,19 @@ def corrective_plans(
     outside a chain of blocks, or that are a chain child on their own, are not. ``weights``:
     per module, the output weighting (:func:`~torch_lowrank.weighting.weigh`). ``positions``:
     patch positions per image a conv's paired statistics keep (``None``: all). Nothing is
-    installed here, and the model is the original again on the way out."""
+    installed here, and the model is the original again on the way out.
+
+    Example:
+        >>> import torch_lowrank as tl
+        >>> from torch_lowrank.options import make_options
+        >>> model = tl.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), rank=2)
+        >>> data = [torch.randn(32, 8) for _ in range(2)]
+        >>> plans, info = corrective_plans(model, list(model[::2]), data, "linear",
+        ...     tl.default_forward, {m: [] for m in model[::2]}, make_options("linear"),
+        ...     progress=False)
+        >>> [plan.factors[0].rank for plan in plans.values()], info["mode"]
+        ([2, 2], 'corrective')
+    """
     if iter(data) is data:
         raise TypeError(
             "recover_: data: corrective recovery iterates the calibration data several times\n"

@@ -60,7 +60,19 @@ def summed_observations(
     """Each module's first-pass statistics summed over all ranks (their reservoirs merged);
     the modules' own statistics are not changed.
 
-    Collective: every rank passes the same modules in the same order."""
+    Collective: every rank passes the same modules in the same order.
+
+    Example:
+        >>> import tempfile, torch_lowrank as tl
+        >>> from torch_lowrank.pairing import device_of
+        >>> dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(),
+        ...                         rank=0, world_size=1)
+        >>> layer = tl.LowRankLinear.from_linear(nn.Linear(6, 8), rank=1, samples=4)
+        >>> _ = layer(torch.randn(10, 6))
+        >>> summed_observations([layer], device_of)[layer].samples_seen
+        10
+        >>> dist.destroy_process_group()
+    """
     summed = {}
     for module in modules:
         seen, device = module.observer.observation(), device_of(module)
@@ -155,7 +167,17 @@ def solve_shared(
     another rank gets its layers from ``module.factor_layers``. If any rank fails, every rank
     raises.
 
-    Collective: every rank passes the same modules in the same order."""
+    Collective: every rank passes the same modules in the same order.
+
+    Example:
+        >>> import tempfile
+        >>> dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(),
+        ...                         rank=0, world_size=1)
+        >>> plans = solve_shared(["a", "b"], lambda m: Plan.dense(m), [1.0, 2.0], None)
+        >>> [plan.dense_reason for plan in plans.values()]
+        ['a', 'b']
+        >>> dist.destroy_process_group()
+    """
     owner = owners(costs)
     rank = dist.get_rank()
     plans: dict[Any, Plan] = {}

@@ -105,7 +105,14 @@ def low_rank_modules(model: nn.Module) -> dict[nn.Module, list[str]]:
 
 def settings_of(model: nn.Module) -> list:
     """The distinct :class:`~torch_lowrank.settings.Settings` of the calibrating low-rank
-    modules of ``model`` (one per :func:`~torch_lowrank.convert` call that touched it)."""
+    modules of ``model`` (one per :func:`~torch_lowrank.convert` call that touched it).
+
+    Example:
+        >>> import torch_lowrank as tl
+        >>> model = tl.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), rank=2)
+        >>> len(settings_of(model)), len(settings_of(nn.Linear(2, 2)))
+        (1, 0)
+    """
     found: list = []
     for module in model.modules():
         settings = getattr(module, "settings", None)
@@ -285,7 +292,18 @@ def calibrate(
 
 def run_batch(model: nn.Module, batch: Any, forward_fn: Callable) -> Any:
     """``forward_fn(model, batch)``; if it does not finish (an error, Ctrl-C), what it showed
-    the observers is dropped and an activation observation in progress is ended."""
+    the observers is dropped and an activation observation in progress is ended.
+
+    Example:
+        >>> import torch_lowrank as tl
+        >>> model = tl.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), rank=2)
+        >>> try:
+        ...     run_batch(model, torch.randn(4, 3), default_forward)  # the wrong width
+        ... except ValueError:
+        ...     pass
+        >>> model[0].samples_seen  # the failed batch added nothing
+        0
+    """
     try:
         return forward_fn(model, batch)
     except BaseException:

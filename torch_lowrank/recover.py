@@ -373,7 +373,14 @@ def recover_(
 
 
 def check_refine(corrective: bool, cache_blocks: bool, where: str) -> None:
-    """Refinement runs on corrective recovery's block cache, in one process."""
+    """Refinement runs on corrective recovery's block cache, in one process.
+
+    Example:
+        >>> check_refine(corrective=True, cache_blocks=True, where="recover_")  # fine
+        >>> check_refine(corrective=True, cache_blocks=False, where="recover_")
+        Traceback (most recent call last):
+        ValueError: recover_: refine runs on the block cache; use cache_blocks=True
+    """
     if not corrective:
         raise ValueError(
             f"{where}: refine needs corrective recovery (data=..., and a method other than svd)"

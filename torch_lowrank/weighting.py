@@ -104,7 +104,19 @@ def solve_weighted(
 ) -> Factors:
     """Solve ``group`` (a :class:`~torch_lowrank.problem.GroupData` with ``scale`` set) by
     ``solve`` seen through ``S``, and map the factors back; their ``error`` and ``variance``
-    are the plain (unweighted) ones on the group's moments."""
+    are the plain (unweighted) ones on the group's moments.
+
+    Example:
+        >>> from torch_lowrank import solvers
+        >>> from torch_lowrank.problem import GroupData
+        >>> w, eye = torch.randn(4, 6, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+        >>> moments = torch.zeros(6, dtype=torch.float64), torch.eye(6, dtype=torch.float64)
+        >>> group = GroupData(w, None, *moments, scale=eye, unscale=eye)  # S = I: unweighted
+        >>> plain = lambda g: solvers.linear(g.weight, g.bias, g.mean, g.cov, rank=2)
+        >>> fit, fit_plain = solve_weighted(plain, group, False, False), plain(group)
+        >>> torch.allclose(fit.up @ fit.down, fit_plain.up @ fit_plain.down)
+        True
+    """
     S, S_inv = group.scale, group.unscale
     W = group.weight.detach().to(S.device, torch.float64)
     b = None if group.bias is None else group.bias.detach().to(S.device, torch.float64)
