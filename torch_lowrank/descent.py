@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
 from .solvers import Factors
 
-if TYPE_CHECKING:
-    from .projected import Problem
-
-__all__ = ["Iterate", "minimise", "result"]
+__all__ = ["Iterate", "Objective", "minimise", "result"]
 
 _WINDOW = 10  # stop when the best objective improved by < tol (relative) over this many steps
 _BACKTRACKS = 30  # at most this many quarterings of one step
@@ -37,6 +34,22 @@ _STEP_RANGE = 1e3  # steps stay within [1 / (1e3 L), 1e3 / L]
 #: ``prox(Z, up, step) -> (up, down)``: the factors of the solver's proximal map of ``Z``
 #: (``up`` is the previous left factor, a warm start; ``step`` is ``None`` after an optimizer).
 Prox = Callable[[Tensor, Tensor, "float | None"], "tuple[Tensor, Tensor]"]
+
+
+class Objective(Protocol):
+    """What the loop needs of an objective ``f(Z, c)`` over factors ``Z = up down``
+    (:class:`~torch_lowrank.projected.Problem` is one)."""
+
+    shape: tuple[int, int]  # (m, n) of Z
+    lipschitz: float  # of the gradient: the first step is 1 / lipschitz
+    free_bias: bool  # whether c is a variable (else it stays 0)
+    variance: float  # the targets' variance, reported with the factors
+
+    def value_and_grad(self, up: Tensor, down: Tensor, c: Tensor) -> tuple[float, Tensor, Tensor]:
+        """``f`` and its gradients in ``Z`` and ``c``."""
+
+    def float64(self, tensor: Tensor) -> Tensor:
+        """``tensor`` in float64 on the objective's device."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,7 @@ class Iterate:
 
 
 def minimise(
-    problem: Problem,
+    problem: Objective,
     state: tuple[Tensor, Tensor, Tensor],
     prox: Prox,
     penalty: Callable[[Tensor], float],
@@ -139,7 +152,7 @@ def minimise(
 
 
 def result(
-    problem: Problem,
+    problem: Objective,
     start: Factors,
     best: Iterate,
     before: Iterate,
