@@ -20,7 +20,12 @@ __all__ = ["out_size", "patch_rows", "patches_at"]
 
 def out_size(x: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> tuple[int, int]:
     """The output size ``(h_out, w_out)`` of a conv over a padded ``(B, C, H, W)`` input
-    (zero or negative: no position)."""
+    (zero or negative: no position).
+
+    Example:
+        >>> out_size(torch.zeros(1, 3, 8, 9), kernel=(3, 3), stride=(2, 1), dilation=(1, 2))
+        (3, 5)
+    """
     H, W = x.shape[2:]
     h_out = (H - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     w_out = (W - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
@@ -30,7 +35,15 @@ def out_size(x: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> tuple[
 def patches_at(x: Tensor, index: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> Tensor:
     """The patches of a padded ``(B, C, H, W)`` input at flat output positions ``index``
     (``image * h_out * w_out + row * w_out + col``, the order of :func:`patch_rows`), as rows
-    ``(len(index), C kh kw)`` laid out like ``unfold``'s."""
+    ``(len(index), C kh kw)`` laid out like ``unfold``'s.
+
+    Example:
+        >>> x = torch.randn(2, 3, 5, 5)  # a 3x3 kernel: 3 x 3 positions per image
+        >>> rows = patches_at(x, torch.tensor([0, 10]), (3, 3), (1, 1), (1, 1))
+        >>> every = F.unfold(x, 3).transpose(1, 2).reshape(-1, 27)  # all 18 positions
+        >>> rows.shape, torch.equal(rows, every[[0, 10]])
+        (torch.Size([2, 27]), True)
+    """
     B, C = x.shape[:2]
     h_out, w_out = out_size(x, kernel, stride, dilation)
     image, place = index // (h_out * w_out), index % (h_out * w_out)
@@ -46,7 +59,16 @@ def patch_rows(
     x: Tensor, kernel: tuple, stride: tuple, dilation: tuple, budget: int
 ) -> Iterator[Tensor]:
     """Receptive-field patches of a padded ``(B, C, H, W)`` input as rows ``(N, C kh kw)``, in
-    chunks of at most ``budget`` elements (at least one output row of one image)."""
+    chunks of at most ``budget`` elements (at least one output row of one image).
+
+    Example:
+        >>> x = torch.randn(2, 3, 5, 5)
+        >>> chunks = list(patch_rows(x, (3, 3), (1, 1), (1, 1), budget=300))  # an image a chunk
+        >>> [tuple(chunk.shape) for chunk in chunks]
+        [(9, 27), (9, 27)]
+        >>> torch.equal(torch.cat(chunks), F.unfold(x, 3).transpose(1, 2).reshape(-1, 27))
+        True
+    """
     B, C, H, W = x.shape
     n = C * kernel[0] * kernel[1]
     h_out, w_out = out_size(x, kernel, stride, dilation)

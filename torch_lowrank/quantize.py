@@ -113,7 +113,16 @@ SCHEMES: dict[str, Scheme] = {
 
 
 def require_torchao(submodule: str = "") -> Any:
-    """``torchao`` (or its ``submodule``), or an ``ImportError`` with the install command."""
+    """``torchao`` (or its ``submodule``), or an ``ImportError`` with the install command.
+
+    Example:
+        >>> try:
+        ...     found = hasattr(require_torchao("quantization"), "quantize_")
+        ... except ImportError as err:  # torchao is optional: the message says how to get it
+        ...     found = INSTALL_HINT in str(err)
+        >>> found
+        True
+    """
     name = f"torchao.{submodule}" if submodule else "torchao"
     try:
         return importlib.import_module(name)
@@ -282,7 +291,17 @@ def quantize_factors_(
 
 def check_runs(scheme: str, device: torch.device, dtype: torch.dtype, name: str, where: str):
     """Raise a ``ValueError`` naming the scheme, device and layer when torchao cannot run
-    ``scheme`` there, with the schemes that do run."""
+    ``scheme`` there, with the schemes that do run.
+
+    Example:
+        >>> try:  # no scheme runs on the meta device (nor anywhere without torchao)
+        ...     check_runs("int8", torch.device("meta"), torch.float32, "0.down", "example")
+        ... except ValueError as err:
+        ...     print(str(err).splitlines()[-1])
+        ... except ImportError:
+        ...     print("schemes that run there: none")
+        schemes that run there: none
+    """
     device = torch.device(device)
     if device.type == "meta" or scheme not in available_schemes(device, dtype):
         runs = ", ".join(available_schemes(device, dtype)) if device.type != "meta" else ""

@@ -214,7 +214,23 @@ def refine_cached_block(
 ) -> BlockRefinement:
     """Refine the factor ``layers`` of the chain child ``block`` on the inputs ``cache`` holds
     for it: the targets are the original child's outputs (``mode(False)``), the compressed
-    child runs with the factors standing in (``mode(True)``)."""
+    child runs with the factors standing in (``mode(True)``).
+
+    Example:
+        >>> from torch_lowrank.blocks import BlockCache, Chain
+        >>> from torch_lowrank.model import default_forward, module_names, stood_in
+        >>> _ = torch.manual_seed(0)
+        >>> model, factors = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 4)
+        >>> swap, names = {model[1]: factors}, module_names(model)  # factors stand in for model[1]
+        >>> mode = lambda compressed: stood_in(model, swap if compressed else {}, names, {})
+        >>> data, chain = [torch.randn(16, 4) for _ in range(4)], Chain(model, "", 0, False)
+        >>> cache = BlockCache(model, data, default_forward, mode)
+        >>> cache.seek(chain, 1)  # the inputs of child 1, in both modes
+        >>> record = refine_cached_block(cache, (chain, 1), [factors], mode,
+        ...                              RefineOptions(steps=100, lr=0.05))
+        >>> record.block, record.held_out_after < 0.01 * record.held_out_before
+        ('1', True)
+    """
     chain, index = block
     name = f"{chain.name}.{index}" if chain.name else str(index)
 

@@ -112,6 +112,19 @@ def sensitivities(
         spec: the allocation (its ``ratio``, rank bounds and ``allocate_by``).
         data: the calibration batches; the first :data:`PROBE_BATCHES` are run.
         forward_fn: how to run one batch.
+
+    Example:
+        >>> import torch_lowrank as tl
+        >>> from torch_lowrank.settings import GlobalAllocation
+        >>> model = tl.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), rank=2)
+        >>> batches = [torch.randn(32, 8) for _ in range(2)]
+        >>> _ = tl.calibrate(model, batches, progress=False)
+        >>> layers, spec = [model[0], model[2]], GlobalAllocation(0.5, allocate_by="kl")
+        >>> observed = {m: m.observer.observation() for m in layers}
+        >>> weights = sensitivities(model, layers, {m: [] for m in layers}, observed, spec,
+        ...                         batches, tl.default_forward)
+        >>> [w > 0 for w in weights.values()], [m.samples_seen for m in layers]  # stats unchanged
+        ([True, True], [64, 64])
     """
     batches = list(itertools.islice(iter(data), PROBE_BATCHES))
     names = module_names(model)
