@@ -1,9 +1,11 @@
 """The documentation's Python examples run as written, and its links point at files that exist.
 
 The README's examples run as they are; so do the pages' in docs/, except those that need a
-process group or an optional dependency that is missing.
+process group or an optional dependency that is missing. Every public function of the package
+carries an example in its docstring (run by ``--doctest-modules``).
 """
 
+import ast
 import importlib.util
 import re
 import time
@@ -65,3 +67,15 @@ def test_readme_size_and_test_command():
     text = README.read_text()
     assert len(text.encode()) <= 16384
     assert "## Tests" in text and "python -m pytest" in text
+
+
+def test_every_public_function_has_an_example():
+    """Every module-level function of the package whose name has no leading underscore has a
+    docstring with a doctest example (``>>>``)."""
+    missing = []
+    for path in sorted((ROOT / "torch_lowrank").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            public = isinstance(node, ast.FunctionDef) and not node.name.startswith("_")
+            if public and ">>>" not in (ast.get_docstring(node) or ""):
+                missing.append(f"{path.name}:{node.lineno} {node.name}")
+    assert not missing, "public functions without an example:\n" + "\n".join(missing)
