@@ -20,17 +20,16 @@ from __future__ import annotations
 import numbers
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.hooks import RemovableHandle
 
 from . import solvers
 from .activations import Activation, resolve_activation
 from .cross import PairedGroup
-from .hooks import Hook, HookLedger
+from .hooks import HookCarrier
 from .observer import BatchGate, Observation, Observer, group_parts
 from .plan import layer_problem, layer_row
 from .problem import LayerProblem, solve
@@ -41,7 +40,7 @@ from .reservoir import Reservoir
 __all__ = ["LowRankModule"]
 
 
-class LowRankModule(nn.Module):
+class LowRankModule(HookCarrier):
     """Phases, problem export and installation shared by the low-rank modules (the base class
     of :class:`~torch_lowrank.LowRankLinear`, :class:`~torch_lowrank.LowRankConv1d` and
     :class:`~torch_lowrank.LowRankConv2d`; ``isinstance(m, LowRankModule)`` finds them all)."""
@@ -77,7 +76,7 @@ class LowRankModule(nn.Module):
         gate: BatchGate | None = None,
         original: nn.Module | None = None,
         allocated: bool = False,
-    ):
+    ) -> LowRankModule:
         """Wrap a trained dense layer in a calibrating low-rank module (the subclasses'
         ``from_linear`` / ``from_conv2d`` / ``from_conv1d`` document the arguments).
         ``offload`` keeps the dense weight and the statistics on that device until recovery;
@@ -363,34 +362,6 @@ class LowRankModule(nn.Module):
         row = layer_row(self, factors, method, time.perf_counter() - start)
         self.install_(factors, layers)
         return row
-
-    # -- hooks -----------------------------------------------------------------------------------
-    def register_forward_hook(self, hook: Callable, *args: Any, **kwargs: Any) -> RemovableHandle:
-        """:meth:`torch.nn.Module.register_forward_hook`, remembered so that
-        :meth:`carry_hooks_to` can move it to a layer that replaces this module."""
-        handle = super().register_forward_hook(hook, *args, **kwargs)
-        return self._ledger().remember(Hook(False, hook, args, kwargs, handle))
-
-    def register_forward_pre_hook(self, hook: Callable, *args: Any, **kwargs: Any):
-        """:meth:`torch.nn.Module.register_forward_pre_hook`, remembered likewise."""
-        handle = super().register_forward_pre_hook(hook, *args, **kwargs)
-        return self._ledger().remember(Hook(True, hook, args, kwargs, handle))
-
-    def _ledger(self) -> HookLedger:  # a plain attribute, not module state
-        return self.__dict__.setdefault("hook_ledger", HookLedger())
-
-    def carry_hooks_to(self, new: nn.Module) -> int:
-        """Register this module's forward hooks and pre-hooks that are still in place on
-        ``new``, the layer that replaces it; returns how many.
-
-        Example:
-            >>> from torch_lowrank import LowRankLinear
-            >>> layer = LowRankLinear(4, 4, rank=1)
-            >>> _ = layer.register_forward_hook(lambda module, args, out: None)
-            >>> layer.carry_hooks_to(layer.to_linear())
-            1
-        """
-        return self._ledger().carry_to(new)
 
     def extra_repr(self) -> str:
         phase = ", calibrating" if self.calibrating else ""

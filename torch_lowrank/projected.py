@@ -89,7 +89,14 @@ def _check_shape(name: str, tensor: Tensor | None, shape: tuple, text: str) -> N
 class Problem:
     """The data of one layer: rows, targets and the objective with its gradient."""
 
-    def __init__(self, weight, bias, rows, target_rows, activation) -> None:
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        rows: Tensor,
+        target_rows: Tensor | None,
+        activation: ActivationSpec,
+    ) -> None:
         if weight.dim() != 2:
             raise ValueError(f"expected a weight (m, n)\nbut got shape {tuple(weight.shape)}")
         W = weight.detach().to(torch.float64)
@@ -184,7 +191,7 @@ class Problem:
         R, _ = self._residual(self._outputs(up, down, c), grad=False)
         return _total(R) / self.N
 
-    def value_and_grad(self, up, down, c) -> tuple[float, Tensor, Tensor]:
+    def value_and_grad(self, up: Tensor, down: Tensor, c: Tensor) -> tuple[float, Tensor, Tensor]:
         """``f`` at ``(Z = up down, c)`` with its gradients ``(m, n)`` and ``(m,)``."""
         R, da = self._residual(self._outputs(up, down, c), grad=True)  # (N, m)
         scale = 2.0 / self.N

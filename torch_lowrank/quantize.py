@@ -289,7 +289,9 @@ def quantize_factors_(
     return quantize_layers_(model, targets, scheme, "quantize_factors_")
 
 
-def check_runs(scheme: str, device: torch.device, dtype: torch.dtype, name: str, where: str):
+def check_runs(
+    scheme: str, device: torch.device, dtype: torch.dtype, name: str, where: str
+) -> None:
     """Raise a ``ValueError`` naming the scheme, device and layer when torchao cannot run
     ``scheme`` there, with the schemes that do run.
 
