@@ -33,7 +33,7 @@ _STEP_RANGE = 1e3  # steps stay within [1 / (1e3 L), 1e3 / L]
 
 #: ``prox(Z, up, step) -> (up, down)``: the factors of the solver's proximal map of ``Z``
 #: (``up`` is the previous left factor, a warm start; ``step`` is ``None`` after an optimizer).
-Prox = Callable[[Tensor, Tensor, "float | None"], "tuple[Tensor, Tensor]"]
+Prox = Callable[[Tensor, Tensor, float | None], tuple[Tensor, Tensor]]
 
 
 class Objective(Protocol):
